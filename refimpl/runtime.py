@@ -1,0 +1,59 @@
+"""Run-time settings shared by every chapter: determinism and progress bars.
+
+Every notebook starts with :func:`setup`, which fixes the random seeds and the number of CPU threads
+(floating-point sums depend on how work is split between threads, so a fixed thread count is part of
+determinism) and switches progress bars off, because their text (rates, elapsed times) would differ
+between runs and fail the notebook validation. Scripts and tests keep progress bars on unless the
+environment variable ``REFIMPL_PROGRESS`` is ``0``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Iterable, Iterator, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+_PROGRESS_ENV = "REFIMPL_PROGRESS"
+
+
+def setup(seed: int = 0, threads: int | None = 2, progress: bool = False) -> None:
+    """Seed Python and PyTorch, fix the CPU thread count and choose whether progress bars show.
+
+    Args:
+        seed: seed for :mod:`random` and :mod:`torch` (CPU and CUDA).
+        threads: number of intra-op CPU threads; ``None`` leaves PyTorch's default.
+        progress: show tqdm progress bars in refimpl's long loops.
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if threads is not None:
+        torch.set_num_threads(threads)
+    os.environ[_PROGRESS_ENV] = "1" if progress else "0"
+    # Library chatter on stderr would otherwise become part of a notebook's stored outputs.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def progress_enabled() -> bool:
+    """Whether refimpl's loops show progress bars (environment variable ``REFIMPL_PROGRESS``)."""
+    return os.environ.get(_PROGRESS_ENV, "1") != "0"
+
+
+def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
+    """Wrap ``iterable`` in a tqdm progress bar unless progress bars are switched off."""
+    if not progress_enabled():
+        yield from iterable
+        return
+    from tqdm.auto import tqdm
+
+    yield from tqdm(iterable, desc=desc, total=total, leave=False)

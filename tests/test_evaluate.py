@@ -1,0 +1,131 @@
+"""refimpl.evaluate: perplexity parity with Hugging Face's loss, byte counting, timing helpers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from refimpl import evaluate
+
+
+def test_perplexity_matches_hf_loss(tiny_llama):
+    torch.manual_seed(1)
+    blocks = torch.randint(0, 128, (5, 17))
+    with torch.no_grad():  # HF's loss is the mean token NLL of one batch with labels = inputs
+        losses = [tiny_llama(b[None], labels=b[None]).loss for b in blocks]
+    expected = math.exp(torch.stack(losses).mean().item())  # equal block lengths: mean of means
+    assert evaluate.perplexity(tiny_llama, blocks, batch_size=2) == pytest.approx(expected, rel=1e-5)
+
+
+def test_perplexity_does_not_depend_on_batching(tiny_llama):
+    blocks = torch.randint(0, 128, (7, 9))
+    a = evaluate.mean_nll(tiny_llama, blocks, batch_size=1)
+    b = evaluate.mean_nll(tiny_llama, blocks, batch_size=7)
+    assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_perfect_model_has_perplexity_one():
+    class Oracle(torch.nn.Module):
+        """Predicts token t+1 = token t + 1 with certainty."""
+
+        def __init__(self):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, ids):
+            logits = torch.full((*ids.shape, 10), -1e4)
+            logits.scatter_(-1, ((ids + 1) % 10)[..., None], 0.0)
+            return type("Out", (), {"logits": logits})
+
+    blocks = torch.arange(20).remainder(10).view(2, 10)
+    assert evaluate.perplexity(Oracle(), blocks) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (torch.empty(0, 8, dtype=torch.long), ValueError, "empty"),
+    (torch.empty(0, dtype=torch.long), ValueError, "shape"),
+    (torch.zeros(2, 1, dtype=torch.long), ValueError, "at least 2 tokens"),
+    (torch.zeros(2, 8), TypeError, "torch.long"),
+    ([[1, 2, 3]], TypeError, "torch.Tensor"),
+])
+def test_perplexity_rejects_bad_blocks(tiny_llama, bad, error, match):
+    with pytest.raises(error, match=match):
+        evaluate.perplexity(tiny_llama, bad)
+
+
+def test_perplexity_rejects_bad_batch_size(tiny_llama):
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate.perplexity(tiny_llama, torch.zeros(2, 4, dtype=torch.long), batch_size=0)
+
+
+def test_model_bytes_counts_tied_weights_once(tiny_llama):
+    assert tiny_llama.lm_head.weight is tiny_llama.model.embed_tokens.weight
+    params = evaluate.parameter_count(tiny_llama)
+    buffer_bytes = sum(b.numel() * b.element_size() for b in tiny_llama.buffers())
+    assert evaluate.model_bytes(tiny_llama) == 4 * params + buffer_bytes
+    half = tiny_llama.to(torch.bfloat16)
+    assert evaluate.model_bytes(half) == 2 * params + sum(b.numel() * b.element_size() for b in half.buffers())
+
+
+def test_model_bytes_measures_packed_buffers():
+    class Packed(torch.nn.Module):
+        """Stands for a packed 4-bit linear layer: two codes per byte plus fp16 scales."""
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("codes", torch.zeros(64, 32, dtype=torch.uint8))  # 64x64 4-bit
+            self.register_buffer("scales", torch.ones(64, 1, dtype=torch.float16))
+
+    assert evaluate.model_bytes(Packed()) == 64 * 32 + 64 * 2
+
+
+def test_model_bytes_counts_views_of_one_storage_once():
+    m = torch.nn.Module()
+    base = torch.zeros(100)
+    m.register_buffer("a", base[:50])
+    m.register_buffer("b", base[50:])
+    assert evaluate.model_bytes(m) == 400
+
+
+def test_model_bytes_rejects_non_modules():
+    with pytest.raises(TypeError, match="model"):
+        evaluate.model_bytes({"w": torch.zeros(3)})
+
+
+def test_prefill_and_decode_timings(tiny_llama):
+    ids = torch.randint(0, 128, (2, 12))
+    prefill = evaluate.prefill_latency(tiny_llama, ids, repeats=3, warmup=1)
+    assert len(prefill.times_s) == 3 and prefill.tokens == 24 and prefill.tokens_per_s > 0
+    decode = evaluate.decode_latency(tiny_llama, ids, n_tokens=5, repeats=2)
+    assert len(decode.times_s) == 2 and decode.tokens == 10
+    assert decode.median_s == pytest.approx(sum(decode.times_s) / 2)  # median of two
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(repeats=0), "repeats"), (dict(warmup=-1), "warmup")])
+def test_timing_rejects_bad_counts(tiny_llama, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        evaluate.prefill_latency(tiny_llama, torch.zeros(1, 4, dtype=torch.long), **kwargs)
+
+
+def test_decode_rejects_bad_token_count(tiny_llama):
+    with pytest.raises(ValueError, match="n_tokens"):
+        evaluate.decode_latency(tiny_llama, torch.zeros(1, 4, dtype=torch.long), n_tokens=0)
+
+
+def test_peak_memory_sees_a_large_allocation():
+    size = 200 * 2**20
+    result, peak = evaluate.peak_memory(lambda: torch.ones(size // 4).sum().item())
+    assert result == size // 4
+    assert 0.9 * size < peak < 3 * size
+
+
+def test_peak_memory_rejects_non_callables():
+    with pytest.raises(TypeError, match="fn"):
+        evaluate.peak_memory(42)
+
+
+def test_memory_bandwidth_is_plausible():
+    bandwidth = evaluate.memory_bandwidth(size_mib=64, repeats=3)
+    assert 1e8 < bandwidth < 1e13  # between 0.1 GB/s and 10 TB/s

