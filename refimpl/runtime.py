@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
 
 import torch
@@ -18,6 +19,15 @@ import torch
 T = TypeVar("T")
 
 _PROGRESS_ENV = "REFIMPL_PROGRESS"
+
+
+def cache_dir() -> Path:
+    """refimpl's user cache directory: ``$REFIMPL_CACHE`` if set, else ``$XDG_CACHE_HOME/refimpl``
+    (default ``~/.cache/refimpl``). Converted models and extracted corpora are kept there."""
+    if os.environ.get("REFIMPL_CACHE"):
+        return Path(os.environ["REFIMPL_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "refimpl"
 
 
 def setup(seed: int = 0, threads: int | None = 2, progress: bool = False) -> None:

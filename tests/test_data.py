@@ -88,3 +88,12 @@ def test_token_blocks_validates_sizes(char_tokenizer, kwargs):
 def test_token_blocks_rejects_empty_text(char_tokenizer):
     with pytest.raises(ValueError, match="text"):
         data.token_blocks(char_tokenizer, "", seq_len=4, n_blocks=1)
+
+
+def test_docstrings_cache_holds_the_extracted_text(monkeypatch, tmp_path):
+    monkeypatch.setenv("REFIMPL_CACHE", str(tmp_path))
+    fresh = data._extract_docstrings("evaluation")
+    assert data._docstrings("evaluation") == fresh  # extracted and written
+    (cached,) = (tmp_path / "corpora").glob("docstrings-evaluation-*.txt")
+    cached.write_text("stale", encoding="utf-8")
+    assert data._docstrings("evaluation") == "stale"  # read back, not re-extracted

@@ -129,3 +129,20 @@ def test_peak_memory_rejects_non_callables():
 def test_memory_bandwidth_is_plausible():
     bandwidth = evaluate.memory_bandwidth(size_mib=64, repeats=3)
     assert 1e8 < bandwidth < 1e13  # between 0.1 GB/s and 10 TB/s
+
+
+def test_kv_cache_formula_matches_real_cache_tensors(tiny_llama):
+    out = tiny_llama(torch.zeros(3, 11, dtype=torch.long), use_cache=True)
+    expected = evaluate.kv_cache_bytes(tiny_llama.config, seq_len=11, batch_size=3)
+    assert evaluate.cache_bytes(out.past_key_values) == expected == 2 * 2 * 2 * 16 * 11 * 3 * 4
+
+
+def test_kv_cache_formula_validates(tiny_llama):
+    with pytest.raises(ValueError, match="seq_len"):
+        evaluate.kv_cache_bytes(tiny_llama.config, seq_len=0)
+    with pytest.raises(TypeError, match="dtype"):
+        evaluate.kv_cache_bytes(tiny_llama.config, seq_len=4, dtype="fp16")
+
+
+def test_matmul_flops_is_plausible():
+    assert 1e8 < evaluate.matmul_flops(size=256, repeats=3) < 1e16

@@ -91,3 +91,23 @@ def test_smollm2_smoke(smollm2):
     blocks = torch.tensor(tokenizer(text)["input_ids"][:40]).view(1, 40)
     ppl = perplexity(model, blocks)
     assert math.isfinite(ppl) and ppl < 10  # a repeated famous line is easy to predict
+
+
+def test_distinct_values_per_block():
+    w = torch.tensor([[1.0, 1.0, 2.0, 3.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0, 5.0, 6.0]])
+    assert models.distinct_values_per_block(w, block_size=3).tolist() == [2, 1, 1, 3]
+    assert models.distinct_values_per_block(w, block_size=2, offset=1).tolist() == [2, 1, 1, 2]
+    with pytest.raises(ValueError, match="offset"):
+        models.distinct_values_per_block(w, block_size=2, offset=6)
+    with pytest.raises(ValueError, match="no whole block"):
+        models.distinct_values_per_block(w, block_size=7)
+    with pytest.raises(ValueError, match="2-D"):
+        models.distinct_values_per_block(w[0])
+
+
+@pytest.mark.slow
+def test_smollm2_weights_lie_on_the_q4_1_grid(smollm2):
+    model, _ = smollm2
+    weight = model.model.layers[0].mlp.down_proj.weight
+    assert models.distinct_values_per_block(weight, 32).max() <= 16
+    assert models.distinct_values_per_block(weight, 32, offset=16).max() > 16
