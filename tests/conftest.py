@@ -42,6 +42,29 @@ def tiny_llama():
     return make_tiny_llama()
 
 
+def save_tiny_model_folder(path, seed: int = 0):
+    """Write a tiny random Llama and a word-level tokenizer as an ordinary Hugging Face folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(125)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>")
+    model = make_tiny_llama(seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, tokenizer
+
+
+@pytest.fixture
+def tiny_model_folder(tmp_path):
+    """Path of a saved tiny model folder, and the model and tokenizer written there."""
+    model, tokenizer = save_tiny_model_folder(tmp_path)
+    return tmp_path, model, tokenizer
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct (fp32, CPU), loaded once per test session."""

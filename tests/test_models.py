@@ -52,18 +52,12 @@ def test_hub_ids_and_local_folders_resolve(tmp_path):
         models.resolve("a/b/c")
 
 
-@pytest.mark.slow
-def test_local_folder_loads_like_a_shipped_model(smollm2, tmp_path):
-    from conftest import make_tiny_llama
-
-    _, tokenizer = smollm2
-    tiny = make_tiny_llama(vocab_size=len(tokenizer))
-    tiny.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    model, tok = models.load_model(str(tmp_path), dtype=torch.bfloat16)
+def test_local_folder_loads_like_a_shipped_model(tiny_model_folder):
+    folder, tiny, tokenizer = tiny_model_folder
+    model, tok = models.load_model(str(folder), dtype=torch.bfloat16)
     assert not model.training
     assert next(model.parameters()).dtype == torch.bfloat16
-    assert tok("hello")["input_ids"] == tokenizer("hello")["input_ids"]
+    assert tok("w1 w2 w3")["input_ids"] == tokenizer("w1 w2 w3")["input_ids"]
     torch.testing.assert_close(model.lm_head.weight.float(), tiny.lm_head.weight.bfloat16().float())
 
 
