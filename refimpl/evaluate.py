@@ -25,23 +25,38 @@ Speed
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from refimpl._validation import as_device, check_non_negative_int, check_positive_int
 from refimpl.runtime import progress
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     try:
         return next(model.parameters()).device
     except StopIteration:
         raise ValueError("model has no parameters") from None
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Measure in eval mode (no dropout), then give the model back in the mode it came in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _check_blocks(blocks: torch.Tensor, min_len: int = 2) -> None:
@@ -57,37 +72,48 @@ def _check_blocks(blocks: torch.Tensor, min_len: int = 2) -> None:
         raise ValueError(f"blocks must hold at least {min_len} tokens per block, got {blocks.shape[1]}")
 
 
-def _check_positive(param: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{param} must be a positive int, got {value!r}")
-
-
 # --- quality ------------------------------------------------------------------------------------
 
 
 @torch.inference_mode()
-def mean_nll(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    """Mean next-token negative log-likelihood (nats) over all predicted tokens of ``blocks``.
+def block_nll(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Mean next-token negative log-likelihood (nats) of each block, scored on its own.
+
+    The model is evaluated in eval mode and returned in the mode it came in.
 
     Args:
         model: a causal LM returning ``.logits`` of shape ``[batch, seq_len, vocab]``.
         blocks: ``LongTensor[n_blocks, seq_len]`` of token ids, ``seq_len >= 2``.
         batch_size: blocks per forward pass.
+
+    Returns:
+        ``DoubleTensor[n_blocks]`` (on the CPU).
     """
     _check_blocks(blocks)
-    _check_positive("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     device = _model_device(model)
-    total_nll, total_tokens = 0.0, 0
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if blocks.min() < 0 or (vocab_size is not None and blocks.max() >= vocab_size):
+        raise ValueError(f"blocks must hold token ids in [0, {vocab_size}), got ids in "
+                         f"[{blocks.min().item()}, {blocks.max().item()}]")
+    nll = []
     batches = blocks.split(batch_size)
-    for batch in progress(batches, desc="perplexity", total=len(batches)):
-        batch = batch.to(device)  # [b, L]
-        logits = model(batch).logits  # [b, L, vocab]
-        # Position t predicts token t+1: drop the last logit and the first target.
-        pred = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # [b*(L-1), vocab]
-        target = batch[:, 1:].reshape(-1)  # [b*(L-1)]
-        total_nll += F.cross_entropy(pred, target, reduction="sum").double().item()
-        total_tokens += target.numel()
-    return total_nll / total_tokens
+    with _eval_mode(model):
+        for batch in progress(batches, desc="perplexity", total=len(batches)):
+            batch = batch.to(device)  # [b, L]
+            logits = model(batch).logits  # [b, L, vocab]
+            # Position t predicts token t+1: drop the last logit and the first target.
+            pred = logits[:, :-1].flatten(0, 1).float()  # [b*(L-1), vocab]
+            target = batch[:, 1:].flatten()  # [b*(L-1)]
+            token_nll = F.cross_entropy(pred, target, reduction="none").view(batch.shape[0], -1)  # [b, L-1]
+            nll.append(token_nll.double().mean(dim=1).cpu())
+    return torch.cat(nll)
+
+
+def mean_nll(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean next-token negative log-likelihood (nats) over all predicted tokens of ``blocks``
+    (every block predicts the same number of tokens, so this is the mean of :func:`block_nll`)."""
+    return block_nll(model, blocks, batch_size).mean().item()
 
 
 def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
@@ -119,33 +145,59 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 def parameter_count(model: torch.nn.Module) -> int:
     """Number of parameters, shared (tied) parameters counted once."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
 
 
-def kv_cache_bytes(config, seq_len: int, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
+@dataclass(frozen=True)
+class AttentionShape:
+    """What sizes the KV cache of a decoder: layers, key/value heads and their dimension."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+
+def attention_shape(config: Any) -> AttentionShape:
+    """Read the attention sizes from a Hugging Face config (Llama-style names, with the usual
+    defaults: as many KV heads as query heads, ``head_dim = hidden_size / n_heads``)."""
+    missing = [a for a in ("num_hidden_layers", "num_attention_heads", "hidden_size") if not hasattr(config, a)]
+    if missing:
+        raise ValueError(f"config must describe a decoder with attention; it lacks {missing}")
+    n_heads = config.num_attention_heads
+    return AttentionShape(
+        n_layers=config.num_hidden_layers,
+        n_heads=n_heads,
+        n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // n_heads,
+    )
+
+
+def kv_cache_bytes(config: Any, seq_len: int, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
     """Bytes of a full KV cache by the formula 2 · layers · kv_heads · head_dim · seq_len · batch · bytes.
 
     The 2 counts keys and values; ``config`` is a Hugging Face config of a decoder with (grouped-query)
     attention, e.g. SmolLM2's (30 layers, 3 KV heads of dimension 64).
     """
-    _check_positive("seq_len", seq_len)
-    _check_positive("batch_size", batch_size)
+    check_positive_int("seq_len", seq_len)
+    check_positive_int("batch_size", batch_size)
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    shape = attention_shape(config)
     element_bytes = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * seq_len * batch_size * element_bytes
+    return 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * seq_len * batch_size * element_bytes
 
 
-def cache_bytes(past_key_values) -> int:
-    """Bytes of the key and value tensors a Hugging Face cache object actually holds."""
+def cache_bytes(past_key_values: Any) -> int:
+    """Bytes of the key and value tensors a Hugging Face cache object (``Cache.layers[i].keys`` and
+    ``.values``, transformers >= 4.56) actually holds."""
     layers = getattr(past_key_values, "layers", None)
-    if layers is not None:  # transformers >= 4.56: Cache.layers[i].keys / .values
-        pairs = [(layer.keys, layer.values) for layer in layers]
-    else:  # legacy format: a tuple of (key, value) per layer
-        pairs = list(past_key_values)
-    return sum(t.numel() * t.element_size() for pair in pairs for t in pair if t is not None)
+    if layers is None:
+        raise TypeError(f"past_key_values must be a transformers Cache, got {type(past_key_values).__name__}")
+    tensors = [t for layer in layers for t in (layer.keys, layer.values) if t is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 # --- speed --------------------------------------------------------------------------------------
@@ -157,7 +209,6 @@ class Timing:
 
     times_s: list[float]
     tokens: int
-    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def median_s(self) -> float:
@@ -173,17 +224,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int, desc: str) -> list[float]:
-    _check_positive("repeats", repeats)
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+def _timed(run: Callable[[Any], Any], device: torch.device, repeats: int, warmup: int, desc: str,
+           prepare: Callable[[], Any] = lambda: None) -> list[float]:
+    """Seconds of ``run(prepare())`` per repeat, after ``warmup`` untimed runs; ``prepare`` is not timed."""
+    check_positive_int("repeats", repeats)
+    check_non_negative_int("warmup", warmup)
     for _ in range(warmup):
-        fn()
+        run(prepare())
     times = []
     for _ in progress(range(repeats), desc=desc, total=repeats):
+        state = prepare()
         _sync(device)
         start = time.perf_counter()
-        fn()
+        run(state)
         _sync(device)
         times.append(time.perf_counter() - start)
     return times
@@ -195,7 +248,8 @@ def prefill_latency(model: torch.nn.Module, input_ids: torch.Tensor, repeats: in
     _check_blocks(input_ids, min_len=1)
     device = _model_device(model)
     ids = input_ids.to(device)
-    times = _timed(lambda: model(ids, use_cache=True), device, repeats, warmup, "prefill")
+    with _eval_mode(model):
+        times = _timed(lambda _: model(ids, use_cache=True), device, repeats, warmup, "prefill")
     return Timing(times, tokens=ids.numel())
 
 
@@ -209,7 +263,7 @@ def decode_latency(
     forward passes that reuse the model's KV cache. ``tokens`` counts new tokens over the batch.
     """
     _check_blocks(input_ids, min_len=1)
-    _check_positive("n_tokens", n_tokens)
+    check_positive_int("n_tokens", n_tokens)
     device = _model_device(model)
     ids = input_ids.to(device)
 
@@ -220,21 +274,42 @@ def decode_latency(
     def decode(state):
         token, cache = state
         for _ in range(n_tokens):
-            out = model(token, past_key_values=cache, use_cache=True)
+            out = model(token, past_key_values=cache, use_cache=True)  # one new token per sequence
             token, cache = out.logits[:, -1:].argmax(-1), out.past_key_values
 
-    _check_positive("repeats", repeats)
-    for _ in range(warmup):
-        decode(prefill())
-    times = []
-    for _ in progress(range(repeats), desc="decode", total=repeats):
-        state = prefill()
-        _sync(device)
-        start = time.perf_counter()
-        decode(state)
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    with _eval_mode(model):
+        times = _timed(decode, device, repeats, warmup, "decode", prepare=prefill)
     return Timing(times, tokens=n_tokens * ids.shape[0])
+
+
+def side_by_side(
+    models: dict[str, torch.nn.Module], measure: Callable[[torch.nn.Module], Timing], rounds: int = 3
+) -> dict[str, Timing]:
+    """Time several models with the same ``measure`` in alternation: one warm-up round, then
+    ``rounds`` rounds that each measure every model once, in order. A change in the machine's load
+    during the comparison then affects all models alike, so ratios of the medians stay meaningful.
+
+    Args:
+        models: name -> model.
+        measure: e.g. ``lambda m: decode_latency(m, ids, repeats=1, warmup=0)``.
+        rounds: timed rounds.
+
+    Returns:
+        name -> :class:`Timing` holding the times of all rounds.
+    """
+    if not isinstance(models, dict) or not models:
+        raise ValueError("models must be a non-empty dict of name -> model")
+    if not callable(measure):
+        raise TypeError("measure must be callable")
+    check_positive_int("rounds", rounds)
+    for model in models.values():
+        measure(model)  # warm-up round
+    timings: dict[str, list[Timing]] = {name: [] for name in models}
+    for _ in progress(range(rounds), desc="side by side", total=rounds):
+        for name, model in models.items():
+            timings[name].append(measure(model))
+    return {name: Timing([t for timing in runs for t in timing.times_s], tokens=runs[0].tokens)
+            for name, runs in timings.items()}
 
 
 def _rss_bytes(field_name: str) -> int:
@@ -255,7 +330,7 @@ def peak_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> tu
     """
     if not callable(fn):
         raise TypeError("fn must be callable")
-    device = torch.device(device)
+    device = as_device("device", device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -276,19 +351,21 @@ def matmul_flops(size: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.
                  device: str | torch.device = "cpu") -> float:
     """Measured arithmetic throughput of ``device`` in FLOP/s: the median time of a square
     ``size`` x ``size`` matrix product (2·size³ floating-point operations), current thread setting."""
-    _check_positive("size", size)
-    device = torch.device(device)
+    check_positive_int("size", size)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    device = as_device("device", device)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    times = _timed(lambda: a @ b, device, repeats, warmup=1, desc="matmul")
+    times = _timed(lambda _: a @ b, device, repeats, warmup=1, desc="matmul")
     return 2 * size**3 / statistics.median(times)
 
 
 def memory_bandwidth(size_mib: int = 256, repeats: int = 5, device: str | torch.device = "cpu") -> float:
     """Measured read bandwidth of ``device`` memory in bytes/s: the median time to sum a float32
     tensor of ``size_mib`` MiB (far larger than the caches), with the current thread setting."""
-    _check_positive("size_mib", size_mib)
-    device = torch.device(device)
+    check_positive_int("size_mib", size_mib)
+    device = as_device("device", device)
     x = torch.ones(size_mib * 2**20 // 4, dtype=torch.float32, device=device)
-    times = _timed(lambda: x.sum(), device, repeats, warmup=1, desc="bandwidth")
+    times = _timed(lambda _: x.sum(), device, repeats, warmup=1, desc="bandwidth")
     return x.numel() * x.element_size() / statistics.median(times)

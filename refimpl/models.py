@@ -21,10 +21,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from refimpl._validation import as_device, check_positive_int
 from refimpl.runtime import cache_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 #: Short names of the models shipped by registry packages: alias -> (package, GGUF file name).
 SHIPPED_MODELS: dict[str, tuple[str, str]] = {
@@ -60,6 +65,8 @@ def gguf_path(alias: str = "smollm2-135m") -> Path:
 
 def converted_dir(alias: str = "smollm2-135m") -> Path:
     """The plain Hugging Face folder of a shipped model, converted from its GGUF file on first use."""
+    if alias not in SHIPPED_MODELS:
+        raise ValueError(f"alias must be one of {sorted(SHIPPED_MODELS)}, got {alias!r}")
     target = cache_dir() / "models" / alias
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
@@ -94,9 +101,9 @@ def converted_dir(alias: str = "smollm2-135m") -> Path:
     return target
 
 
-def resolve(name_or_path: str) -> str:
+def resolve(name_or_path: str | os.PathLike) -> str:
     """Where :func:`load_model` reads ``name_or_path`` from: a converted shipped model, a local
-    folder, or a Hugging Face hub id (read from the local hub cache when ``HF_HUB_OFFLINE=1``)."""
+    folder, or else a Hugging Face hub id (read from the local hub cache when ``HF_HUB_OFFLINE=1``)."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}")
     name = os.fspath(name_or_path)
@@ -104,21 +111,18 @@ def resolve(name_or_path: str) -> str:
         return str(converted_dir(name))
     if os.path.isdir(name):
         return name
-    parts = name.split("/")
-    if len(parts) == 2 and all(parts) and not name.startswith((".", "/")):
-        return name  # a hub id "org/model"
-    raise ValueError(
-        f"name_or_path {name!r} is neither a shipped model {sorted(SHIPPED_MODELS)}, "
-        "an existing local folder, nor a Hugging Face hub id of the form 'org/model'"
-    )
+    if not name or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ValueError(f"name_or_path {name!r} is not an existing folder, a shipped model "
+                         f"{sorted(SHIPPED_MODELS)}, nor a Hugging Face hub id ('org/model')")
+    return name  # a hub id
 
 
 def load_model(
-    name_or_path: str = "smollm2-135m",
+    name_or_path: str | os.PathLike = "smollm2-135m",
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     device_map: str | dict | None = None,
-):
+) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """Load a causal language model and its tokenizer, ready for inference.
 
     Args:
@@ -134,19 +138,44 @@ def load_model(
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    device = torch.device(device)  # raises on a malformed device string
+    device = as_device("device", device)
     source = resolve(name_or_path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"dtype": dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as exc:  # what transformers raises for an unknown id or an unreachable hub
+        offline = " (HF_HUB_OFFLINE is set: only models in the local Hugging Face cache load)" \
+            if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise ValueError(
+            f"name_or_path {os.fspath(name_or_path)!r} could not be loaded{offline}. Give a shipped "
+            f"model {sorted(SHIPPED_MODELS)}, a local model folder, or a Hugging Face hub id. ({exc})"
+        ) from None
     if device_map is None:
         model = model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(source)
     model.eval()
     return model, tokenizer
+
+
+def _row_blocks(weight: torch.Tensor, block_size: int, offset: int) -> torch.Tensor:
+    """The blocks of ``block_size`` consecutive weights of every row, starting ``offset`` columns in:
+    ``[out_features * n_blocks, block_size]``."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor [out_features, in_features], got shape {tuple(weight.shape)}")
+    check_positive_int("block_size", block_size)
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < weight.shape[1]:
+        raise ValueError(f"offset must be an int in [0, {weight.shape[1]}), got {offset!r}")
+    n_blocks = (weight.shape[1] - offset) // block_size
+    if n_blocks == 0:
+        raise ValueError(f"no whole block of {block_size} fits in a row of {weight.shape[1]} after offset {offset}")
+    cols = weight[:, offset : offset + n_blocks * block_size].detach()  # [out, n_blocks * block_size]
+    return cols.reshape(-1, block_size)  # [out * n_blocks, block_size]
 
 
 def distinct_values_per_block(weight: torch.Tensor, block_size: int = 32, offset: int = 0) -> torch.Tensor:
@@ -164,18 +193,35 @@ def distinct_values_per_block(weight: torch.Tensor, block_size: int = 32, offset
     Returns:
         ``LongTensor[out_features * n_blocks]`` of distinct-value counts.
     """
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError("weight must be a 2-D tensor [out_features, in_features]")
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if not isinstance(offset, int) or not 0 <= offset < weight.shape[1]:
-        raise ValueError(f"offset must be an int in [0, {weight.shape[1]}), got {offset!r}")
-    n_blocks = (weight.shape[1] - offset) // block_size
-    if n_blocks == 0:
-        raise ValueError(f"no whole block of {block_size} fits in a row of {weight.shape[1]} after offset {offset}")
-    cols = weight[:, offset : offset + n_blocks * block_size].detach()
-    blocks = cols.reshape(-1, block_size).sort(dim=1).values  # [out * n_blocks, block_size]
+    blocks = _row_blocks(weight, block_size, offset).sort(dim=1).values  # [out * n_blocks, block_size]
     return 1 + (blocks.diff(dim=1) != 0).sum(dim=1)
+
+
+def on_minmax_grid(weight: torch.Tensor, block_size: int = 32, levels: int = 16, offset: int = 0,
+                   tolerance: float = 1e-3) -> torch.Tensor:
+    """Whether every weight of a block lies on ``levels`` evenly spaced values from the block's
+    minimum to its maximum: ``w = min + k (max - min) / (levels - 1)`` for an integer ``k``.
+
+    That grid is the one a ``log2(levels)``-bit asymmetric min-max quantizer with groups of
+    ``block_size`` uses, so a block on it is reproduced by such a quantizer without error.
+
+    Args:
+        weight, block_size, offset: as in :func:`distinct_values_per_block`.
+        levels: number of grid values (16 for 4 bits), at least 2.
+        tolerance: allowed distance from the grid, as a fraction of one grid step.
+
+    Returns:
+        ``BoolTensor[out_features * n_blocks]``.
+    """
+    if not isinstance(levels, int) or isinstance(levels, bool) or levels < 2:
+        raise ValueError(f"levels must be an int >= 2, got {levels!r}")
+    if not 0 < tolerance < 0.5:
+        raise ValueError(f"tolerance must be in (0, 0.5), got {tolerance!r}")
+    blocks = _row_blocks(weight, block_size, offset).double()  # [out * n_blocks, block_size]
+    low, high = blocks.min(dim=1, keepdim=True).values, blocks.max(dim=1, keepdim=True).values
+    step = (high - low) / (levels - 1)  # [out * n_blocks, 1]
+    k = (blocks - low) / torch.where(step > 0, step, 1.0)  # grid index of every weight
+    return ((k - k.round()).abs() <= tolerance).all(dim=1)
 
 
 def gguf_tensor_types(alias: str = "smollm2-135m") -> dict[str, str]:

@@ -40,7 +40,7 @@ def setup(seed: int = 0, threads: int | None = 2, progress: bool = False) -> Non
     """
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device

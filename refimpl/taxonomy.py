@@ -41,10 +41,6 @@ class Paper:
     arxiv: str | None
     venue: str | None = None
 
-    @property
-    def url(self) -> str | None:
-        return f"https://arxiv.org/abs/{self.arxiv}" if self.arxiv else None
-
 
 @dataclass(frozen=True)
 class Method:
@@ -91,12 +87,6 @@ class Taxonomy:
     @property
     def methods(self) -> list[Method]:
         return [m for c in self.categories for m in c.methods]
-
-    def method(self, method_id: str) -> Method:
-        for m in self.methods:
-            if m.id == method_id:
-                return m
-        raise KeyError(f"no method with id {method_id!r}")
 
     def bibkeys(self) -> set[str]:
         keys = {self.survey["bibkey"]}

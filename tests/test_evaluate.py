@@ -94,13 +94,64 @@ def test_model_bytes_rejects_non_modules():
         evaluate.model_bytes({"w": torch.zeros(3)})
 
 
-def test_prefill_and_decode_timings(tiny_llama):
+def _count_forward_calls(model):
+    """Record the number of tokens per sequence of every forward call of ``model``."""
+    lengths = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(
+        (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[1]),
+        with_kwargs=True)
+    return lengths
+
+
+def test_prefill_timing_runs_the_prompt_once_per_repeat(tiny_llama):
+    lengths = _count_forward_calls(tiny_llama)
     ids = torch.randint(0, 128, (2, 12))
     prefill = evaluate.prefill_latency(tiny_llama, ids, repeats=3, warmup=1)
     assert len(prefill.times_s) == 3 and prefill.tokens == 24 and prefill.tokens_per_s > 0
-    decode = evaluate.decode_latency(tiny_llama, ids, n_tokens=5, repeats=2)
+    assert lengths == [12] * 4  # one warm-up, three timed
+
+
+def test_decode_timing_decodes_one_token_at_a_time_with_the_cache(tiny_llama):
+    lengths = _count_forward_calls(tiny_llama)
+    ids = torch.randint(0, 128, (2, 12))
+    decode = evaluate.decode_latency(tiny_llama, ids, n_tokens=5, repeats=2, warmup=0)
     assert len(decode.times_s) == 2 and decode.tokens == 10
     assert decode.median_s == pytest.approx(sum(decode.times_s) / 2)  # median of two
+    # per repeat: the (untimed) prefill of the prompt, then 5 single-token steps
+    assert lengths == ([12] + [1] * 5) * 2
+
+
+def test_measurements_run_in_eval_mode_and_restore_the_mode():
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(attention_dropout=0.5).train()
+    blocks = torch.randint(0, 128, (2, 16))
+    first = evaluate.perplexity(model, blocks)
+    assert model.training  # given back in the mode it came in
+    assert evaluate.perplexity(model, blocks) == first  # no dropout while measuring
+    evaluate.decode_latency(model, blocks[:, :4], n_tokens=2, repeats=1)
+    assert model.training
+
+
+def test_block_nll_per_block(tiny_llama):
+    blocks = torch.randint(0, 128, (3, 10))
+    per_block = evaluate.block_nll(tiny_llama, blocks, batch_size=2)
+    assert per_block.shape == (3,)
+    singles = [evaluate.mean_nll(tiny_llama, b[None]) for b in blocks]
+    assert per_block.tolist() == pytest.approx(singles, rel=1e-6)
+    assert evaluate.mean_nll(tiny_llama, blocks) == pytest.approx(per_block.mean().item(), rel=1e-12)
+
+
+def test_perplexity_rejects_token_ids_outside_the_vocabulary(tiny_llama):
+    with pytest.raises(ValueError, match=r"token ids in \[0, 128\)"):
+        evaluate.perplexity(tiny_llama, torch.tensor([[1, 2, 128]]))
+    with pytest.raises(ValueError, match="token ids"):
+        evaluate.perplexity(tiny_llama, torch.tensor([[1, -2, 3]]))
+
+
+def test_perplexity_rejects_non_modules():
+    with pytest.raises(TypeError, match="model"):
+        evaluate.perplexity(lambda ids: ids, torch.zeros(1, 4, dtype=torch.long))
 
 
 @pytest.mark.parametrize("kwargs, match", [(dict(repeats=0), "repeats"), (dict(warmup=-1), "warmup")])
@@ -137,6 +188,29 @@ def test_kv_cache_formula_matches_real_cache_tensors(tiny_llama):
     assert evaluate.cache_bytes(out.past_key_values) == expected == 2 * 2 * 2 * 16 * 11 * 3 * 4
 
 
+def test_attention_shape_defaults_and_errors():
+    from transformers import GPT2Config
+
+    shape = evaluate.attention_shape(GPT2Config(n_layer=2, n_head=4, n_embd=64))
+    assert (shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.head_dim) == (2, 4, 4, 16)
+    with pytest.raises(ValueError, match="config must describe a decoder"):
+        evaluate.attention_shape(object())
+
+
+def test_cache_bytes_rejects_non_caches():
+    with pytest.raises(TypeError, match="past_key_values"):
+        evaluate.cache_bytes([(torch.zeros(2), torch.zeros(2))])
+
+
+def test_device_and_dtype_errors_name_the_parameter():
+    with pytest.raises(ValueError, match="device 'gpu0'"):
+        evaluate.memory_bandwidth(size_mib=1, device="gpu0")
+    with pytest.raises(TypeError, match="device"):
+        evaluate.peak_memory(lambda: None, device=0)
+    with pytest.raises(TypeError, match="dtype"):
+        evaluate.matmul_flops(size=8, dtype=torch.int8)
+
+
 def test_kv_cache_formula_validates(tiny_llama):
     with pytest.raises(ValueError, match="seq_len"):
         evaluate.kv_cache_bytes(tiny_llama.config, seq_len=0)
@@ -146,3 +220,23 @@ def test_kv_cache_formula_validates(tiny_llama):
 
 def test_matmul_flops_is_plausible():
     assert 1e8 < evaluate.matmul_flops(size=256, repeats=3) < 1e16
+
+
+def test_side_by_side_alternates_models_and_collects_rounds():
+    calls = []
+
+    def measure(model):
+        calls.append(model)
+        return evaluate.Timing([0.1 * len(calls)], tokens=7)
+
+    result = evaluate.side_by_side({"a": "model-a", "b": "model-b"}, measure, rounds=3)
+    assert calls == ["model-a", "model-b"] * 4  # a warm-up round, then three timed rounds
+    assert result["a"].times_s == pytest.approx([0.3, 0.5, 0.7]) and result["a"].tokens == 7
+    assert result["b"].times_s == pytest.approx([0.4, 0.6, 0.8])
+
+
+def test_side_by_side_validates():
+    with pytest.raises(ValueError, match="models"):
+        evaluate.side_by_side({}, lambda m: None)
+    with pytest.raises(ValueError, match="rounds"):
+        evaluate.side_by_side({"a": 1}, lambda m: None, rounds=0)

@@ -13,9 +13,10 @@ from refimpl import models
 from refimpl.evaluate import model_bytes, parameter_count, perplexity
 
 
-def test_unknown_name_is_a_clear_error():
-    with pytest.raises(ValueError, match="name_or_path 'no-such-model'.*smollm2-135m"):
-        models.load_model("no-such-model")
+@pytest.mark.parametrize("name", ["no-such-model", "no-such-org/no-such-model"])
+def test_unknown_name_is_a_clear_error(name):
+    with pytest.raises(ValueError, match=f"name_or_path '{name}' could not be loaded.*smollm2-135m"):
+        models.load_model(name)
 
 
 def test_name_must_be_a_string():
@@ -26,6 +27,12 @@ def test_name_must_be_a_string():
 def test_bad_dtype_is_rejected():
     with pytest.raises(TypeError, match="dtype"):
         models.load_model("smollm2-135m", dtype=torch.int8)
+
+
+@pytest.mark.parametrize("device, error", [("gpu", ValueError), (0, TypeError)])
+def test_bad_device_is_rejected(device, error):
+    with pytest.raises(error, match="device"):
+        models.load_model("smollm2-135m", device=device)
 
 
 def test_missing_model_package_says_how_to_install(monkeypatch, tmp_path):
@@ -47,9 +54,11 @@ def test_cache_dir_is_overridable(monkeypatch, tmp_path):
 
 def test_hub_ids_and_local_folders_resolve(tmp_path):
     assert models.resolve("HuggingFaceTB/SmolLM2-360M") == "HuggingFaceTB/SmolLM2-360M"
+    assert models.resolve("gpt2") == "gpt2"  # single-segment hub ids exist too
     assert models.resolve(str(tmp_path)) == str(tmp_path)
-    with pytest.raises(ValueError):
-        models.resolve("a/b/c")
+    for bad in ["a/b/c", "./missing-folder", "/no/such/folder", ""]:
+        with pytest.raises(ValueError, match="name_or_path"):
+            models.resolve(bad)
 
 
 def test_local_folder_loads_like_a_shipped_model(tiny_model_folder):
@@ -97,6 +106,10 @@ def test_distinct_values_per_block():
         models.distinct_values_per_block(w, block_size=7)
     with pytest.raises(ValueError, match="2-D"):
         models.distinct_values_per_block(w[0])
+    with pytest.raises(TypeError, match="weight"):
+        models.distinct_values_per_block(w.tolist())
+    with pytest.raises(ValueError, match="block_size"):
+        models.distinct_values_per_block(w, block_size=True)
 
 
 @pytest.mark.slow
@@ -105,3 +118,17 @@ def test_smollm2_weights_lie_on_the_q4_1_grid(smollm2):
     weight = model.model.layers[0].mlp.down_proj.weight
     assert models.distinct_values_per_block(weight, 32).max() <= 16
     assert models.distinct_values_per_block(weight, 32, offset=16).max() > 16
+
+
+def test_on_minmax_grid():
+    step = 0.25
+    on_grid = torch.tensor([[0.0, 3 * step, 15 * step, 7 * step], [1.0, 1.0, 1.0, 1.0]])
+    assert models.on_minmax_grid(on_grid, block_size=4).tolist() == [True, True]
+    off_grid = on_grid.clone()
+    off_grid[0, 1] += step / 3
+    assert models.on_minmax_grid(off_grid, block_size=4).tolist() == [False, True]
+    assert models.on_minmax_grid(on_grid, block_size=2, levels=2).tolist() == [True, True, True, True]
+    with pytest.raises(ValueError, match="levels"):
+        models.on_minmax_grid(on_grid, block_size=4, levels=1)
+    with pytest.raises(ValueError, match="tolerance"):
+        models.on_minmax_grid(on_grid, block_size=4, tolerance=0.5)

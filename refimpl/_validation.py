@@ -1,0 +1,35 @@
+"""Argument checks shared by refimpl's public functions: each error names the parameter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def check_positive_int(param: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int >= 1 (bools are not ints here)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{param} must be a positive int, got {value!r}")
+
+
+def check_non_negative_int(param: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int >= 0 (bools are not ints here)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{param} must be a non-negative int, got {value!r}")
+
+
+def check_choice(param: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``allowed``."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{param} must be one of {list(allowed)}, got {value!r}")
+
+
+def as_device(param: str, value: Any):
+    """``value`` (a str like ``"cpu"``/``"cuda:1"`` or a ``torch.device``) as a ``torch.device``."""
+    import torch
+
+    if not isinstance(value, (str, torch.device)):
+        raise TypeError(f"{param} must be a str or torch.device, got {type(value).__name__}")
+    try:
+        return torch.device(value)
+    except RuntimeError as exc:
+        raise ValueError(f"{param} {value!r} is not a device: {exc}") from None
