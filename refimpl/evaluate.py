@@ -26,6 +26,9 @@ Speed
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import math
 import statistics
 import time
@@ -312,6 +315,14 @@ def side_by_side(
             for name, runs in timings.items()}
 
 
+def _release_free_heap() -> None:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim``; a no-op elsewhere)."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the measurement may then undercount reused memory
+
+
 def _rss_bytes(field_name: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -326,7 +337,9 @@ def peak_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> tu
     On CUDA this is PyTorch's peak allocated device memory during the call, above what was allocated
     before it. On CPU (Linux) it is the peak resident set size of the process (``VmHWM``, reset
     through ``/proc/self/clear_refs`` before the call) above the resident size before the call: it
-    counts every allocation, not only tensors, and memory the allocator keeps after freeing.
+    counts every allocation, not only tensors. Freed memory that the C allocator still holds would
+    be reused without growing the resident size, so it is handed back to the system first
+    (``malloc_trim``, where the C library has it).
     """
     if not callable(fn):
         raise TypeError("fn must be callable")
@@ -340,6 +353,8 @@ def peak_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> tu
         return result, torch.cuda.max_memory_allocated(device) - before
     if device.type != "cpu":
         raise ValueError(f"device must be 'cpu' or a CUDA device, got {device}")
+    gc.collect()
+    _release_free_heap()
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # resets VmHWM (the peak RSS) to the current RSS
     before = _rss_bytes("VmRSS")
