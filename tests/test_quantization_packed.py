@@ -1,0 +1,108 @@
+"""refimpl.quantization.packed: bit packing round trips, QuantizedLinear equals simulated
+quantization, its measured bytes, and the module swap."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from refimpl.evaluate import model_bytes
+from refimpl.quantization import packed, uniform
+
+
+@settings(max_examples=80, deadline=None)
+@given(bits=st.integers(2, 8), n=st.integers(0, 300), seed=st.integers(0, 2**16))
+def test_packing_round_trips_and_is_dense(bits, n, seed):
+    codes = torch.randint(0, 2**bits, (n,), generator=torch.Generator().manual_seed(seed))
+    stream = packed.pack_codes(codes, bits)
+    assert stream.dtype == torch.uint8 and stream.numel() == math.ceil(n * bits / 8)
+    assert torch.equal(packed.unpack_codes(stream, bits, n), codes.int())
+
+
+def test_four_bit_codes_pack_two_per_byte_low_nibble_first():
+    assert packed.pack_codes(torch.tensor([0x3, 0xA, 0xF, 0x1]), 4).tolist() == [0xA3, 0x1F]
+
+
+@pytest.mark.parametrize("codes, bits, match", [
+    (torch.tensor([0, 16]), 4, r"codes must lie in \[0, 15\]"),
+    (torch.tensor([-1, 2]), 4, "codes must lie"),
+    (torch.tensor([1.0, 2.0]), 4, "integer tensor"),
+    (torch.tensor([1, 2]), 1, "bits"),
+])
+def test_packing_validates(codes, bits, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        packed.pack_codes(codes, bits)
+
+
+def test_unpacking_validates():
+    stream = packed.pack_codes(torch.tensor([1, 2, 3]), 4)
+    with pytest.raises(ValueError, match="n must be"):
+        packed.unpack_codes(stream, 4, 5)
+    with pytest.raises(TypeError, match="uint8"):
+        packed.unpack_codes(stream.int(), 4, 3)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("granularity, group_size", [("tensor", None), ("channel", None), ("group", 32)])
+def test_quantized_linear_computes_with_the_simulated_weight(bits, symmetric, granularity, group_size):
+    torch.manual_seed(bits)
+    linear = torch.nn.Linear(64, 24)
+    module = packed.QuantizedLinear.from_linear(linear, bits, symmetric, granularity, group_size)
+    qparams = uniform.compute_qparams(linear.weight, bits, symmetric, granularity, group_size,
+                                      scale_dtype=torch.float16)
+    simulated = uniform.dequantize(uniform.quantize(linear.weight, qparams), qparams, linear.weight.shape)
+    assert torch.equal(module.dequantized_weight(), simulated)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(module(x), torch.nn.functional.linear(x, simulated, linear.bias))
+
+
+@pytest.mark.parametrize("bits, symmetric, expected", [
+    # codes + float16 scales (+ uint8 zero-points) for a 64x24 weight with groups of 32, plus the bias
+    (4, False, 64 * 24 // 2 + 48 * 2 + 48 + 24 * 4),
+    (4, True, 64 * 24 // 2 + 48 * 2 + 24 * 4),
+    (3, False, 64 * 24 * 3 // 8 + 48 * 2 + 48 + 24 * 4),
+    (8, True, 64 * 24 + 48 * 2 + 24 * 4),
+])
+def test_quantized_linear_bytes_are_what_it_stores(bits, symmetric, expected):
+    module = packed.QuantizedLinear.from_linear(torch.nn.Linear(64, 24), bits, symmetric, "group", 32)
+    assert model_bytes(module) == expected
+
+
+def test_pack_model_swaps_linears_and_shrinks_the_model(tiny_llama):
+    x = torch.randint(0, 128, (1, 16))
+    simulated = uniform.quantize_model_rtn(_copy(tiny_llama), bits=4, group_size=32)
+    fp32_bytes = model_bytes(tiny_llama)
+    packed.pack_model(tiny_llama, bits=4, group_size=32)
+    swapped = [m for m in tiny_llama.modules() if isinstance(m, packed.QuantizedLinear)]
+    assert len(swapped) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
+    assert isinstance(tiny_llama.lm_head, torch.nn.Linear)  # tied to the embedding: skipped
+    assert model_bytes(tiny_llama) < fp32_bytes
+    with torch.no_grad():  # fp16 scales vs float32 scales: close, not identical
+        torch.testing.assert_close(tiny_llama(x).logits, simulated(x).logits, rtol=1e-2, atol=1e-2)
+
+
+def test_pack_model_leaves_the_model_untouched_on_error():
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(intermediate_size=96)
+    with pytest.raises(ValueError, match="group_size 64 must divide"):
+        packed.pack_model(model, bits=4, group_size=64)
+    assert not any(isinstance(m, packed.QuantizedLinear) for m in model.modules())
+
+
+def test_from_linear_validates():
+    with pytest.raises(TypeError, match="nn.Linear"):
+        packed.QuantizedLinear.from_linear(torch.nn.Conv1d(4, 4, 1), 4)
+    with pytest.raises(ValueError, match="granularity"):
+        packed.QuantizedLinear.from_linear(torch.nn.Linear(8, 8), 4, granularity="token")
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
