@@ -3,6 +3,8 @@
 - :mod:`refimpl.quantization.uniform`: affine (uniform) quantization — symmetric and asymmetric,
   2-8 bits, per-tensor / per-channel / per-group / per-token scales, static or dynamic ranges — and
   round-to-nearest (RTN) weight quantization of a whole model.
+- :mod:`refimpl.quantization.formats`: 4-bit code books (NF4, FP4) with block-wise absmax scales,
+  and FP8 (E4M3, E5M2) rounding.
 - :mod:`refimpl.quantization.packed`: real low-bit storage — codes packed into bytes plus scales —
   and the ``QuantizedLinear`` module whose bytes :func:`refimpl.evaluate.model_bytes` measures.
 """
