@@ -1,0 +1,128 @@
+"""Layer-by-layer calibration: the inputs every linear layer sees on calibration text.
+
+GPTQ, AWQ and SmoothQuant (quantization) and Wanda and SparseGPT (pruning) all need, for each linear
+layer, the activations :math:`X` that reach it on a few calibration blocks — to build the Hessian
+:math:`H = 2XX^\\top` (GPTQ, SparseGPT), the per-channel activation norms :math:`\\lVert X_j \\rVert_2`
+(Wanda) or magnitudes (AWQ, SmoothQuant). They also process the model **one decoder layer at a
+time** (Frantar et al. 2022, GPTQ §4): the inputs of layer :math:`\\ell + 1` are computed with layer
+:math:`\\ell` *already compressed*, so that each layer corrects for the errors of the layers before
+it, and only one layer's activations are in memory at once.
+
+:func:`layerwise` implements that loop once for every method::
+
+    for capture in layerwise(model, calibration_blocks):
+        for name, linear in capture.linears.items():
+            X = capture.inputs[name]            # [n_tokens, in_features]
+            ...                                 # compress `linear` using X, in place
+        # on the next iteration the layer's outputs are recomputed with the compressed weights
+
+It works for Hugging Face decoders that keep their blocks in ``model.model.layers`` (Llama, Mistral,
+Qwen, SmolLM2, ...): the arguments the model passes to its first block (attention mask, rotary
+embeddings, positions) are recorded once and reused for every block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from refimpl._validation import check_positive_int
+from refimpl.runtime import progress
+
+
+@dataclass
+class LayerCapture:
+    """One decoder layer during calibration: its index, the module, its linear layers by name
+    (relative to the layer, e.g. ``"self_attn.q_proj"``) and the inputs each received,
+    ``inputs[name]: float32[n_tokens, in_features]`` over all calibration tokens."""
+
+    index: int
+    layer: torch.nn.Module
+    linears: dict[str, torch.nn.Linear]
+    inputs: dict[str, torch.Tensor]
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the first decoder layer once its inputs are recorded."""
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder blocks of a Hugging Face causal LM (``model.model.layers``)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise TypeError("model must be a Hugging Face decoder with its blocks in model.model.layers")
+    return layers
+
+
+@torch.no_grad()
+def _first_layer_inputs(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int
+                        ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """Run the model up to its first decoder layer on each batch: ``(hidden_states, kwargs)`` per batch."""
+    first = decoder_layers(model)[0]
+    device = next(model.parameters()).device
+    recorded: list[tuple[torch.Tensor, dict[str, Any]]] = []
+
+    def record(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        recorded.append((hidden, kwargs))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for batch in blocks.split(batch_size):
+            try:
+                model(batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return recorded
+
+
+def layerwise(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8,
+              skip: tuple[str, ...] = ()) -> Iterator[LayerCapture]:
+    """Walk the decoder layers in order, yielding each with the inputs of its linear layers.
+
+    Before yielding layer :math:`\\ell`, its linear layers' inputs are captured by running the layer
+    on the outputs of layer :math:`\\ell - 1`; after the caller's loop body (which may modify the
+    layer in place), the layer's outputs are recomputed with the modified weights and passed on.
+
+    Args:
+        model: a Hugging Face causal LM with ``model.model.layers``; put it in eval mode.
+        blocks: calibration token ids, ``LongTensor[n_blocks, seq_len]``.
+        batch_size: blocks per forward pass.
+        skip: linear layers whose name contains one of these strings are not captured.
+    """
+    if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.long or blocks.dim() != 2:
+        raise TypeError("blocks must be token ids, a LongTensor [n_blocks, seq_len]")
+    if blocks.numel() == 0:
+        raise ValueError("blocks is empty: calibration needs at least one block of tokens")
+    check_positive_int("batch_size", batch_size)
+    layers = decoder_layers(model)
+    states = _first_layer_inputs(model, blocks, batch_size)
+    for index in progress(range(len(layers)), desc="calibration", total=len(layers)):
+        layer = layers[index]
+        linears = {name: m for name, m in layer.named_modules()
+                   if isinstance(m, torch.nn.Linear) and not any(s in name for s in skip)}
+        inputs: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
+        handles = [m.register_forward_pre_hook(
+            lambda module, args, name=name: inputs[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).float()))
+            for name, m in linears.items()]
+        try:
+            with torch.no_grad():
+                for hidden, kwargs in states:
+                    layer(hidden, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        yield LayerCapture(index, layer, linears, {name: torch.cat(xs) for name, xs in inputs.items()})
+        with torch.no_grad():  # the layer may have changed: its outputs feed the next layer
+            states = [(_hidden(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    """A decoder layer returns its hidden states, alone or first in a tuple (older transformers)."""
+    return output[0] if isinstance(output, tuple) else output

@@ -1,0 +1,85 @@
+"""refimpl.calibration: the layer-by-layer capture equals what a full forward pass feeds each linear
+layer, including after earlier layers were modified."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refimpl import calibration
+
+
+def _inputs_of_a_full_forward(model, blocks):
+    """Inputs of every linear layer inside the decoder layers, by (layer index, name)."""
+    captured, handles = {}, []
+    for i, layer in enumerate(model.model.layers):
+        for name, m in layer.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                handles.append(m.register_forward_pre_hook(
+                    lambda module, args, key=(i, name): captured.setdefault(key, []).append(
+                        args[0].reshape(-1, args[0].shape[-1]))))
+    with torch.no_grad():
+        for batch in blocks.split(2):
+            model(batch)
+    for h in handles:
+        h.remove()
+    return {key: torch.cat(xs) for key, xs in captured.items()}
+
+
+def test_captured_inputs_equal_a_full_forward(tiny_llama):
+    blocks = torch.randint(0, 128, (5, 12), generator=torch.Generator().manual_seed(0))
+    reference = _inputs_of_a_full_forward(tiny_llama, blocks)
+    seen = []
+    for capture in calibration.layerwise(tiny_llama, blocks, batch_size=2):
+        assert set(capture.inputs) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                       "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+        for name, x in capture.inputs.items():
+            assert x.shape == (5 * 12, capture.linears[name].in_features)
+            torch.testing.assert_close(x, reference[(capture.index, name)], rtol=1e-5, atol=1e-6)
+        seen.append(capture.index)
+    assert seen == [0, 1]
+
+
+def test_later_layers_see_the_modified_earlier_layers(tiny_llama):
+    blocks = torch.randint(0, 128, (4, 10), generator=torch.Generator().manual_seed(1))
+    captured = {}
+    for capture in calibration.layerwise(tiny_llama, blocks, batch_size=3):
+        captured.update({(capture.index, n): x for n, x in capture.inputs.items()})
+        with torch.no_grad():  # "compress" the layer: halve its MLP output projection
+            capture.layer.mlp.down_proj.weight.mul_(0.5)
+    reference = _inputs_of_a_full_forward(tiny_llama, blocks)  # the modified model, end to end
+    for key, x in captured.items():
+        torch.testing.assert_close(x, reference[key], rtol=1e-5, atol=1e-6)
+
+
+def test_skip_leaves_out_named_linears(tiny_llama):
+    capture = next(calibration.layerwise(tiny_llama, torch.zeros(1, 4, dtype=torch.long), skip=("self_attn",)))
+    assert set(capture.inputs) == {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+
+
+@pytest.mark.parametrize("blocks, error, match", [
+    (torch.zeros(0, 8, dtype=torch.long), ValueError, "empty"),
+    (torch.zeros(2, 8), TypeError, "LongTensor"),
+])
+def test_bad_blocks_are_rejected(tiny_llama, blocks, error, match):
+    with pytest.raises(error, match=match):
+        next(calibration.layerwise(tiny_llama, blocks))
+
+
+def test_models_without_decoder_layers_are_rejected():
+    with pytest.raises(TypeError, match="model.model.layers"):
+        next(calibration.layerwise(torch.nn.Linear(4, 4), torch.zeros(1, 4, dtype=torch.long)))
+
+
+@pytest.mark.slow
+def test_layerwise_on_smollm2_matches_the_full_model(smollm2):
+    model, tokenizer = smollm2
+    blocks = torch.tensor([tokenizer("The quick brown fox jumps over the lazy dog. " * 3)["input_ids"][:24]])
+    reference = _inputs_of_a_full_forward(model, blocks)
+    last = None
+    for capture in calibration.layerwise(model, blocks):
+        if capture.index in (0, 29):
+            for name, x in capture.inputs.items():
+                torch.testing.assert_close(x, reference[(capture.index, name)], rtol=1e-4, atol=1e-4)
+        last = capture.index
+    assert last == 29
