@@ -5,6 +5,7 @@
   round-to-nearest (RTN) weight quantization of a whole model.
 - :mod:`refimpl.quantization.formats`: 4-bit code books (NF4, FP4) with block-wise absmax scales,
   and FP8 (E4M3, E5M2) rounding.
+- :mod:`refimpl.quantization.gptq`: GPTQ, second-order error compensation column by column.
 - :mod:`refimpl.quantization.packed`: real low-bit storage — codes packed into bytes plus scales —
   and the ``QuantizedLinear`` module whose bytes :func:`refimpl.evaluate.model_bytes` measures.
 """

@@ -1,0 +1,171 @@
+r"""GPTQ: post-training quantization with second-order error compensation (Frantar et al. 2022).
+
+Round-to-nearest quantizes every weight on its own. GPTQ quantizes the columns of a weight matrix
+:math:`W \in \mathbb{R}^{d_\text{out} \times d_\text{in}}` one at a time and, after each, updates the
+columns not yet quantized so that the layer's output on calibration inputs :math:`X` changes as
+little as possible. It minimises the layer-wise reconstruction error (Eq. 1)
+
+.. math:: \arg\min_{\hat W} \lVert W X - \hat W X \rVert_2^2,
+
+whose Hessian with respect to each row of :math:`W` is :math:`H = 2 X X^\top` — shared by all rows.
+Following Optimal Brain Quantization, quantizing column :math:`q` with error
+:math:`w_q - \mathrm{quant}(w_q)` is best compensated by (Eq. 2-3)
+
+.. math:: \delta_F = -\frac{w_q - \mathrm{quant}(w_q)}{[H_F^{-1}]_{qq}} \, (H_F^{-1})_{:,q},
+
+and GPTQ's three steps make this fast and stable (§4): quantize columns in a fixed order for all
+rows at once; apply updates lazily in blocks of ``block_size`` columns (Alg. 1); and take the rows
+needed from the upper Cholesky factor of :math:`H^{-1}`, after dampening :math:`H` by
+:math:`\lambda \cdot \mathrm{mean}(\mathrm{diag}\,H)` (Step 3). The optional *act-order* heuristic
+quantizes columns in order of decreasing :math:`H_{qq}` (largest activations first).
+
+The quantization grid is :mod:`refimpl.quantization.uniform`'s: per output channel, or per group of
+``group_size`` input columns. Without act-order a group's scale is computed from the (already
+updated) weights when the column loop reaches the group, as in the paper's code; with act-order the
+group scales are fixed from the original weights first ("static groups"), because the columns of a
+group are then not visited together.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from refimpl import calibration
+from refimpl._validation import check_positive_int
+from refimpl.quantization import uniform
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    """:math:`H = 2 X X^\\top / n` from layer inputs ``x: [n_tokens, in_features]`` (float64 sums);
+    the average over tokens keeps the scale independent of the calibration set's size."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError("x must be a non-empty [n_tokens, in_features] tensor of layer inputs")
+    x64 = x.double()
+    return (2.0 / x.shape[0]) * (x64.T @ x64)  # [in, in]
+
+
+def _quantize_columns(w: torch.Tensor, qparams: uniform.QParams) -> torch.Tensor:
+    """Round-to-nearest of columns ``w: [out, k]`` with per-row parameters ``qparams`` ([out, 1])."""
+    return uniform.dequantize(uniform.quantize(w, qparams), qparams, w.shape)
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian_matrix: torch.Tensor,
+    bits: int,
+    symmetric: bool = False,
+    group_size: int | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+) -> torch.Tensor:
+    """Quantize ``weight [out, in]`` with GPTQ given the Hessian ``H [in, in]`` of its inputs.
+
+    Args:
+        weight: the layer's weight; not modified.
+        hessian_matrix: :math:`2XX^\\top/n` (:func:`hessian`).
+        bits, symmetric: the uniform grid (2-8 bits; absmax or zero-point).
+        group_size: inputs per scale; ``None`` for one scale per output channel.
+        block_size: columns per lazy batch update (Alg. 1's :math:`B`).
+        damp: dampening :math:`\\lambda`, as a fraction of the mean diagonal of :math:`H`.
+        act_order: quantize columns by decreasing :math:`H_{qq}`.
+
+    Returns:
+        The dequantized GPTQ weight ``[out, in]`` (float32; the values a quantized model computes with).
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError("weight must be a 2-D floating-point tensor [out_features, in_features]")
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight holds NaN or Inf values")
+    n_in = weight.shape[1]
+    if not isinstance(hessian_matrix, torch.Tensor) or hessian_matrix.shape != (n_in, n_in):
+        raise ValueError(f"hessian_matrix must be a [{n_in}, {n_in}] tensor for a weight with {n_in} inputs")
+    uniform.check_bits(bits)
+    if group_size is not None:
+        check_positive_int("group_size", group_size)
+        if n_in % group_size:
+            raise ValueError(f"group_size {group_size} must divide in_features ({n_in})")
+    check_positive_int("block_size", block_size)
+    if not 0 <= damp < 1:
+        raise ValueError(f"damp must be in [0, 1), got {damp!r}")
+
+    W = weight.detach().double().clone()  # [out, in]
+    H = hessian_matrix.detach().double().clone()  # [in, in]
+    dead = torch.diag(H) == 0  # inputs that were always zero: their weights cannot matter
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+    else:
+        perm = torch.arange(n_in)
+    inverse_perm = torch.argsort(perm)
+
+    def params_for(columns: torch.Tensor) -> uniform.QParams:  # one scale per row of these columns
+        return uniform.compute_qparams(columns.float(), bits, symmetric, "channel")
+
+    # Grid parameters: per channel from the whole original weight; per group either from the original
+    # weight (act-order: static groups) or later, from the updated weight, when the loop reaches them.
+    if group_size is None:
+        fixed = {0: params_for(W)}
+    elif act_order:
+        fixed = {g: params_for(W[:, g : g + group_size]) for g in range(0, n_in, group_size)}
+    else:
+        fixed = {}
+
+    W, H = W[:, perm], H[perm][:, perm]  # columns in the order they are quantized
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(n_in, dtype=H.dtype)  # Step 3: dampening
+    # Upper Cholesky factor U of H^-1 (H^-1 = U^T U): row q of U holds the update coefficients.
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+    Q = torch.zeros_like(W)
+    qparams = fixed.get(0)
+    for start in range(0, n_in, block_size):  # lazy batch updates (Alg. 1)
+        end = min(start + block_size, n_in)
+        errors = torch.zeros(W.shape[0], end - start, dtype=W.dtype)  # [out, B]
+        for i in range(start, end):
+            column = int(perm[i])  # the column's index in the original weight
+            if group_size is not None:
+                group = column - column % group_size
+                if act_order:
+                    qparams = fixed[group]
+                elif column % group_size == 0:  # entering a new group: scale from the updated weights
+                    qparams = params_for(W[:, i : i + group_size])
+            q = _quantize_columns(W[:, i : i + 1].float(), qparams).double()[:, 0]  # [out]
+            Q[:, i] = q
+            error = (W[:, i] - q) / U[i, i]  # [out]
+            W[:, i + 1 : end] -= error[:, None] * U[i, i + 1 : end][None, :]  # within the block, now
+            errors[:, i - start] = error
+        W[:, end:] -= errors @ U[start:end, end:]  # the rest of the matrix, once per block
+    return Q[:, inverse_perm].to(torch.float32)
+
+
+@torch.no_grad()
+def quantize_model_gptq(
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    bits: int,
+    symmetric: bool = False,
+    group_size: int | None = 64,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    batch_size: int = 8,
+) -> torch.nn.Module:
+    """GPTQ every linear layer of the decoder layers, in place, one decoder layer at a time on the
+    calibration token ``blocks`` (:func:`refimpl.calibration.layerwise`: each layer is calibrated on
+    the outputs of the already quantized layers before it). The output layer is left alone.
+
+    Returns:
+        ``model``, modified in place (simulated quantization: weights hold the dequantized values).
+    """
+    uniform.check_bits(bits)
+    for name, linear in uniform.quantizable_linears(model).items():  # fail before changing anything
+        if group_size is not None and linear.in_features % group_size:
+            raise ValueError(f"group_size {group_size} must divide in_features of {name} ({linear.in_features})")
+    for capture in calibration.layerwise(model, blocks, batch_size):
+        for name, linear in capture.linears.items():
+            quantized = gptq_quantize(linear.weight, hessian(capture.inputs[name]), bits, symmetric,
+                                      group_size, block_size, damp, act_order)
+            linear.weight.copy_(quantized.to(linear.weight.dtype))
+    return model

@@ -1,0 +1,129 @@
+"""refimpl.quantization.gptq: equals RTN when inputs are uncorrelated, beats RTN on the layer-wise
+objective when they are not (random and real SmolLM2 activations), and validates its inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refimpl import calibration
+from refimpl.quantization import gptq, uniform
+
+
+def _correlated_inputs(n_tokens=512, n_in=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(n_in, n_in, generator=g) / n_in**0.5
+    scales = torch.logspace(-1, 1, n_in)  # some input channels far larger than others
+    return (torch.randn(n_tokens, n_in, generator=g) @ mixing) * scales
+
+
+def _reconstruction_error(weight, quantized, x):
+    return ((x @ weight.T - x @ quantized.T) ** 2).sum().item()
+
+
+def _rtn(weight, bits, symmetric, group_size):
+    granularity = "channel" if group_size is None else "group"
+    return uniform.fake_quantize(weight, bits, symmetric, granularity, group_size)
+
+
+@pytest.mark.parametrize("group_size", [None, 16])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_uncorrelated_inputs_give_round_to_nearest(group_size, symmetric):
+    weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(1))
+    identity = 2 * torch.eye(64, dtype=torch.float64)  # H of white inputs: nothing to compensate
+    quantized = gptq.gptq_quantize(weight, identity, bits=3, symmetric=symmetric, group_size=group_size)
+    torch.testing.assert_close(quantized, _rtn(weight, 3, symmetric, group_size), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size, act_order", [(None, False), (16, False), (None, True), (16, True)])
+def test_gptq_beats_rtn_on_the_layer_objective(bits, group_size, act_order):
+    x = _correlated_inputs()
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(2))
+    quantized = gptq.gptq_quantize(weight, gptq.hessian(x), bits, group_size=group_size, act_order=act_order,
+                                   block_size=16)
+    rtn = _rtn(weight, bits, False, group_size)
+    assert _reconstruction_error(weight, quantized, x) < _reconstruction_error(weight, rtn, x)
+    # every column stays on the grid: at most 2^bits distinct values per row (and group)
+    per_scale = quantized.view(32, -1, group_size or 64)
+    assert max(len(torch.unique(v)) for v in per_scale.reshape(-1, group_size or 64)) <= 2**bits
+
+
+def test_act_order_helps_when_large_inputs_come_last():
+    """The synthetic inputs grow along the columns: in natural order the largest columns are
+    quantized last, with no columns left to absorb their error; act-order visits them first."""
+    x = _correlated_inputs()
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
+    H = gptq.hessian(x)
+    natural = _reconstruction_error(weight, gptq.gptq_quantize(weight, H, 3), x)
+    act_order = _reconstruction_error(weight, gptq.gptq_quantize(weight, H, 3, act_order=True), x)
+    assert act_order < natural
+
+
+def test_block_size_does_not_change_the_result():
+    x = _correlated_inputs(seed=3)
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
+    H = gptq.hessian(x)
+    a = gptq.gptq_quantize(weight, H, 3, block_size=64)
+    b = gptq.gptq_quantize(weight, H, 3, block_size=7)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_dead_inputs_get_zero_weights():
+    x = _correlated_inputs()
+    x[:, 5] = 0.0
+    weight = torch.randn(8, 64)
+    quantized = gptq.gptq_quantize(weight, gptq.hessian(x), 4)
+    assert (quantized[:, 5] == 0).all()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(bits=1), "bits"),
+    (dict(bits=4, group_size=5), "group_size 5 must divide"),
+    (dict(bits=4, damp=1.5), "damp"),
+    (dict(bits=4, block_size=0), "block_size"),
+])
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gptq.gptq_quantize(torch.randn(4, 16), torch.eye(16), **kwargs)
+
+
+def test_hessian_must_match_the_weight():
+    with pytest.raises(ValueError, match="hessian_matrix must be a \\[16, 16\\]"):
+        gptq.gptq_quantize(torch.randn(4, 16), torch.eye(8), 4)
+    with pytest.raises(ValueError, match="non-empty"):
+        gptq.hessian(torch.empty(0, 4))
+
+
+def test_model_gptq_quantizes_in_place_and_checks_first():
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(intermediate_size=96)
+    before = [p.clone() for p in model.parameters()]
+    blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="group_size 64 must divide in_features of model.layers.0.mlp.down_proj"):
+        gptq.quantize_model_gptq(model, blocks, bits=4, group_size=64)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    gptq.quantize_model_gptq(model, blocks, bits=4, group_size=32)
+    changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]
+    assert sum(changed) == 2 * 7  # every projection of both layers; embeddings and norms untouched
+
+
+@pytest.mark.slow
+def test_gptq_beats_rtn_on_every_smollm2_layer_of_a_block(smollm2):
+    """Real activations: layers 0, 14 and 29 of SmolLM2, 3 bits, groups of 64."""
+    from refimpl import data
+
+    model, tokenizer = smollm2
+    blocks = data.token_blocks(tokenizer, data.load_text("shakespeare", "calibration"), seq_len=128, n_blocks=4)
+    checked = 0
+    for capture in calibration.layerwise(model, blocks):
+        if capture.index not in (0, 14, 29):
+            continue
+        for name, linear in capture.linears.items():
+            x = capture.inputs[name]
+            quantized = gptq.gptq_quantize(linear.weight, gptq.hessian(x), bits=3, group_size=64)
+            rtn = _rtn(linear.weight.detach(), 3, False, 64)
+            assert _reconstruction_error(linear.weight, quantized, x) < _reconstruction_error(linear.weight, rtn, x), name
+            checked += 1
+    assert checked == 3 * 7
