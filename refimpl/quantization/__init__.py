@@ -6,6 +6,7 @@
 - :mod:`refimpl.quantization.formats`: 4-bit code books (NF4, FP4) with block-wise absmax scales,
   and FP8 (E4M3, E5M2) rounding.
 - :mod:`refimpl.quantization.gptq`: GPTQ, second-order error compensation column by column.
+- :mod:`refimpl.quantization.awq`: AWQ, activation-aware per-channel scaling found by a grid search.
 - :mod:`refimpl.quantization.packed`: real low-bit storage — codes packed into bytes plus scales —
   and the ``QuantizedLinear`` module whose bytes :func:`refimpl.evaluate.model_bytes` measures.
 """

@@ -1,0 +1,89 @@
+"""refimpl.quantization.awq: alpha = 0 is round-to-nearest, the search never does worse and helps
+when some input channels are salient; shared scales for layers reading one input; validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refimpl import calibration
+from refimpl.quantization import awq, uniform
+
+
+def _inputs_with_salient_channels(n_tokens=256, n_in=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_tokens, n_in, generator=g)
+    x[:, :3] *= 30  # a few channels with large activations
+    return x
+
+
+def _error(weight, quantized, x):
+    return ((x @ weight.T - x @ quantized.T) ** 2).sum().item()
+
+
+def test_alpha_zero_is_round_to_nearest():
+    x = _inputs_with_salient_channels()
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    _, _, errors = awq.search_scales([weight], x, bits=3, group_size=16)
+    rtn = uniform.fake_quantize(weight, 3, False, "group", 16)
+    assert errors[0] == pytest.approx(_error(weight, rtn, x), rel=1e-5)
+
+
+@pytest.mark.parametrize("bits, group_size", [(3, 16), (4, 16), (3, None), (2, 32)])
+def test_search_beats_rtn_with_salient_channels(bits, group_size):
+    x = _inputs_with_salient_channels()
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    scales, alpha, errors = awq.search_scales([weight], x, bits=bits, group_size=group_size)
+    assert alpha > 0 and min(errors) < errors[0]
+    assert scales[:3].min() > scales[3:].max()  # the salient channels get the largest scales
+    quantized = awq._quantize_scaled(weight, scales, bits, False, group_size)
+    assert _error(weight, quantized, x) == pytest.approx(min(errors), rel=1e-5)
+
+
+def test_search_validates():
+    x = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="in_features = 16"):
+        awq.search_scales([torch.randn(4, 8)], x, bits=4, group_size=None)
+    with pytest.raises(ValueError, match="non-empty list"):
+        awq.search_scales([], x, bits=4)
+    with pytest.raises(ValueError, match="n_grid"):
+        awq.search_scales([torch.randn(4, 16)], x, bits=4, group_size=None, n_grid=0)
+    with pytest.raises(ValueError, match="non-empty"):
+        awq.search_scales([torch.randn(4, 16)], torch.empty(0, 16), bits=4)
+
+
+def test_model_awq_shares_scales_among_layers_reading_one_input(tiny_llama):
+    blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    before = {n: p.clone() for n, p in tiny_llama.named_parameters()}
+    alphas = awq.quantize_model_awq(tiny_llama, blocks, bits=3, group_size=16)
+    # per decoder layer: {q,k,v}, o, {gate,up}, down
+    assert sorted(alphas) == sorted(f"layers.{i}.{n}" for i in range(2)
+                                    for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"))
+    changed = {n for n, p in tiny_llama.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n in before if n.endswith("proj.weight")}
+
+
+def test_model_awq_checks_before_changing(tiny_llama):
+    before = [p.clone() for p in tiny_llama.parameters()]
+    with pytest.raises(ValueError, match="group_size 48 must divide"):
+        awq.quantize_model_awq(tiny_llama, torch.zeros(1, 8, dtype=torch.long), bits=4, group_size=48)
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny_llama.parameters()))
+
+
+@pytest.mark.slow
+def test_awq_beats_rtn_on_smollm2_activations(smollm2):
+    """Real activations of layers 0 and 29, 3 bits, groups of 64: the searched scales beat
+    round-to-nearest (alpha = 0) on at least one of these layers."""
+    from refimpl import data
+
+    model, tokenizer = smollm2
+    blocks = data.token_blocks(tokenizer, data.load_text("docstrings", "calibration"), seq_len=128, n_blocks=4)
+    gains = []
+    for capture in calibration.layerwise(model, blocks):
+        if capture.index not in (0, 29):
+            continue
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            _, _, errors = awq.search_scales([capture.linears[name].weight], capture.inputs[name], bits=3,
+                                             group_size=64, n_grid=10)
+            gains.append(errors[0] / min(errors))
+    assert max(gains) > 1.0
