@@ -97,10 +97,7 @@ def quantize_model_awq(
     Returns:
         The chosen :math:`\\alpha` of every set of layers, by the name of its first layer.
     """
-    uniform.check_bits(bits)
-    for name, linear in uniform.quantizable_linears(model).items():  # fail before changing anything
-        if group_size is not None and linear.in_features % group_size:
-            raise ValueError(f"group_size {group_size} must divide in_features of {name} ({linear.in_features})")
+    uniform.check_model_grid(model, bits, group_size)  # fail before changing anything
     alphas = {}
     for capture in calibration.layerwise(model, blocks, batch_size):
         # Layers that read the same tensor (q, k, v; gate, up) form one set with one shared scale.

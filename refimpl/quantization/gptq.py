@@ -159,10 +159,7 @@ def quantize_model_gptq(
     Returns:
         ``model``, modified in place (simulated quantization: weights hold the dequantized values).
     """
-    uniform.check_bits(bits)
-    for name, linear in uniform.quantizable_linears(model).items():  # fail before changing anything
-        if group_size is not None and linear.in_features % group_size:
-            raise ValueError(f"group_size {group_size} must divide in_features of {name} ({linear.in_features})")
+    uniform.check_model_grid(model, bits, group_size)  # fail before changing anything
     for capture in calibration.layerwise(model, blocks, batch_size):
         for name, linear in capture.linears.items():
             quantized = gptq_quantize(linear.weight, hessian(capture.inputs[name]), bits, symmetric,

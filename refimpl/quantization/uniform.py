@@ -192,6 +192,16 @@ def quantizable_linears(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_hea
             if isinstance(m, torch.nn.Linear) and not any(s in name for s in skip)}
 
 
+def check_model_grid(model: torch.nn.Module, bits: int, group_size: int | None,
+                     skip: tuple[str, ...] = ("lm_head",)) -> None:
+    """Check ``bits`` and that ``group_size`` divides the inputs of every linear layer to be quantized,
+    so that a method can fail before it changes the first layer."""
+    check_bits(bits)
+    for name, linear in quantizable_linears(model, skip).items():
+        if group_size is not None and linear.in_features % group_size:
+            raise ValueError(f"group_size {group_size} must divide in_features of {name} ({linear.in_features})")
+
+
 @torch.no_grad()
 def quantize_model_rtn(
     model: torch.nn.Module,
