@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from refimpl import calibration
-from refimpl.quantization import awq, uniform
+from refimpl.quantization import awq, packed, uniform
 
 
 def _inputs_with_salient_channels(n_tokens=256, n_in=64, seed=0):
@@ -25,7 +25,7 @@ def test_alpha_zero_is_round_to_nearest():
     x = _inputs_with_salient_channels()
     weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
     _, _, errors = awq.search_scales([weight], x, bits=3, group_size=16)
-    rtn = uniform.fake_quantize(weight, 3, False, "group", 16)
+    rtn = uniform.fake_quantize(weight, 3, False, "group", 16, uniform.WEIGHT_SCALE_DTYPE)
     assert errors[0] == pytest.approx(_error(weight, rtn, x), rel=1e-5)
 
 
@@ -36,7 +36,7 @@ def test_search_beats_rtn_with_salient_channels(bits, group_size):
     scales, alpha, errors = awq.search_scales([weight], x, bits=bits, group_size=group_size)
     assert alpha > 0 and min(errors) < errors[0]
     assert scales[:3].min() > scales[3:].max()  # the salient channels get the largest scales
-    quantized = awq._quantize_scaled(weight, scales, bits, False, group_size)
+    quantized, _ = awq._quantize_scaled(weight, scales, bits, False, group_size)
     assert _error(weight, quantized, x) == pytest.approx(min(errors), rel=1e-5)
 
 
@@ -61,6 +61,19 @@ def test_model_awq_shares_scales_among_layers_reading_one_input(tiny_llama):
                                     for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"))
     changed = {n for n, p in tiny_llama.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {n for n in before if n.endswith("proj.weight")}
+
+
+def test_model_awq_packs_what_it_simulates():
+    from conftest import make_tiny_llama
+
+    blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    simulated, stored = make_tiny_llama(), make_tiny_llama()
+    assert awq.quantize_model_awq(simulated, blocks, bits=3, group_size=16) == \
+        awq.quantize_model_awq(stored, blocks, bits=3, group_size=16, pack=True)
+    layers = [m for m in stored.modules() if isinstance(m, packed.QuantizedLinear)]
+    assert len(layers) == 2 * 7 and all(m.input_scale is not None for m in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(stored(blocks).logits, simulated(blocks).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_model_awq_checks_before_changing(tiny_llama):

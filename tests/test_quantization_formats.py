@@ -38,12 +38,12 @@ def test_fp4_code_book_is_bitsandbytes_fp4():
 def test_blockwise_4bit_is_bit_exact_with_bitsandbytes(quant_type, shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape))) * 0.05
     code = formats.NF4_CODE if quant_type == "nf4" else formats.fp4_code_book()
-    codes, absmax = formats.quantize_blockwise_4bit(x, code, blocksize=64)
+    codes, absmax = formats.quantize_blockwise(x, code, blocksize=64)
     reference_codes, state = _bnb_codes(x, quant_type)
     assert torch.equal(codes, reference_codes.to(torch.uint8))
     assert torch.equal(absmax, state.absmax)
     packed, state = bnb_functional.quantize_4bit(x, blocksize=64, quant_type=quant_type)
-    assert torch.equal(formats.dequantize_blockwise_4bit(codes, absmax, code, 64, x.shape),
+    assert torch.equal(formats.dequantize_blockwise(codes, absmax, code, 64, x.shape),
                        bnb_functional.dequantize_4bit(packed, state).reshape(x.shape))
 
 
@@ -53,7 +53,7 @@ def test_nf4_is_bit_exact_on_smollm2_weights(smollm2):
     weights = [model.model.embed_tokens.weight] + [
         m.weight for i in (0, 15, 29) for m in model.model.layers[i].modules() if isinstance(m, torch.nn.Linear)]
     for weight in weights:
-        codes, absmax = formats.quantize_blockwise_4bit(weight, formats.NF4_CODE, 64)
+        codes, absmax = formats.quantize_blockwise(weight, formats.NF4_CODE, 64)
         reference_codes, state = _bnb_codes(weight.detach(), "nf4")
         assert torch.equal(codes, reference_codes.to(torch.uint8))
         assert torch.equal(absmax, state.absmax)
@@ -62,24 +62,47 @@ def test_nf4_is_bit_exact_on_smollm2_weights(smollm2):
 def test_zero_blocks_and_exact_zero():
     x = torch.zeros(128)
     x[70] = 0.5
-    codes, absmax = formats.quantize_blockwise_4bit(x)
+    codes, absmax = formats.quantize_blockwise(x)
     assert absmax.tolist() == [0.0, 0.5]
-    out = formats.dequantize_blockwise_4bit(codes, absmax)
+    out = formats.dequantize_blockwise(codes, absmax)
     assert torch.equal(out, x)  # 0 and +absmax are both in the NF4 code book
 
 
 def test_blockwise_4bit_validates():
     with pytest.raises(ValueError, match="NaN or Inf"):
-        formats.quantize_blockwise_4bit(torch.tensor([1.0, float("nan")]))
+        formats.quantize_blockwise(torch.tensor([1.0, float("nan")]))
     with pytest.raises(TypeError, match="floating-point"):
-        formats.quantize_blockwise_4bit(torch.ones(4, dtype=torch.int64))
+        formats.quantize_blockwise(torch.ones(4, dtype=torch.int64))
     with pytest.raises(ValueError, match="blocksize"):
-        formats.quantize_blockwise_4bit(torch.ones(4), blocksize=0)
-    with pytest.raises(ValueError, match="16 values"):
-        formats.quantize_blockwise_4bit(torch.ones(4), code=torch.zeros(8))
-    codes, absmax = formats.quantize_blockwise_4bit(torch.ones(100))
+        formats.quantize_blockwise(torch.ones(4), blocksize=0)
+    with pytest.raises(ValueError, match="16 or 256 values"):
+        formats.quantize_blockwise(torch.ones(4), code=torch.zeros(8))
+    codes, absmax = formats.quantize_blockwise(torch.ones(100))
     with pytest.raises(ValueError, match="absmax holds 3 scales"):
-        formats.dequantize_blockwise_4bit(codes[:80], absmax[:1].expand(3).contiguous())
+        formats.dequantize_blockwise(codes[:80], absmax[:1].expand(3).contiguous())
+
+
+def test_dynamic_code_book_is_bitsandbytes_dynamic_map():
+    assert torch.equal(formats.dynamic_code_book(), bnb_functional.create_dynamic_map(signed=True))
+
+
+def test_double_quantization_matches_bitsandbytes():
+    x = torch.randn(576 * 1536, generator=torch.Generator().manual_seed(0)) * 0.05
+    packed, state = bnb_functional.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
+    codes, absmax = formats.quantize_blockwise(x, formats.NF4_CODE, 64)
+    absmax_codes, scales, offset = formats.double_quantize(absmax)
+    assert torch.equal(offset, state.offset) and torch.equal(scales, state.state2.absmax)
+    # bitsandbytes' native CPU kernel finds the code by an approximate search: a few go to a neighbour.
+    differ = absmax_codes != state.absmax
+    assert differ.float().mean() < 0.005
+    code = formats.dynamic_code_book()
+    scaled = (absmax - offset) / scales.repeat_interleave(256)[: absmax.numel()]
+    ours = (scaled - code[absmax_codes.long()]).abs()
+    theirs = (scaled - code[state.absmax.long()]).abs()
+    assert (ours <= theirs).all()  # ours is the nearest code ...
+    assert ((absmax_codes.int() - state.absmax.int())[differ].abs() == 1).all()  # ... theirs its neighbour
+    restored = formats.double_dequantize(absmax_codes, scales, offset)
+    assert (restored - absmax).abs().max() < 0.02 * absmax.max()  # 8-bit scales: within 2% of the largest
 
 
 @pytest.mark.parametrize("fmt, dtype", [("e4m3", torch.float8_e4m3fn), ("e5m2", torch.float8_e5m2)])

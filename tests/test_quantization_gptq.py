@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from refimpl import calibration
-from refimpl.quantization import gptq, uniform
+from refimpl.quantization import gptq, packed, uniform
 
 
 def _correlated_inputs(n_tokens=512, n_in=64, seed=0):
@@ -23,7 +23,7 @@ def _reconstruction_error(weight, quantized, x):
 
 def _rtn(weight, bits, symmetric, group_size):
     granularity = "channel" if group_size is None else "group"
-    return uniform.fake_quantize(weight, bits, symmetric, granularity, group_size)
+    return uniform.fake_quantize(weight, bits, symmetric, granularity, group_size, uniform.WEIGHT_SCALE_DTYPE)
 
 
 @pytest.mark.parametrize("group_size", [None, 16])
@@ -31,7 +31,7 @@ def _rtn(weight, bits, symmetric, group_size):
 def test_uncorrelated_inputs_give_round_to_nearest(group_size, symmetric):
     weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(1))
     identity = 2 * torch.eye(64, dtype=torch.float64)  # H of white inputs: nothing to compensate
-    quantized = gptq.gptq_quantize(weight, identity, bits=3, symmetric=symmetric, group_size=group_size)
+    quantized = gptq.gptq_quantize(weight, identity, bits=3, symmetric=symmetric, group_size=group_size)[0]
     torch.testing.assert_close(quantized, _rtn(weight, 3, symmetric, group_size), rtol=0, atol=1e-6)
 
 
@@ -41,7 +41,7 @@ def test_gptq_beats_rtn_on_the_layer_objective(bits, group_size, act_order):
     x = _correlated_inputs()
     weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(2))
     quantized = gptq.gptq_quantize(weight, gptq.hessian(x), bits, group_size=group_size, act_order=act_order,
-                                   block_size=16)
+                                   block_size=16)[0]
     rtn = _rtn(weight, bits, False, group_size)
     assert _reconstruction_error(weight, quantized, x) < _reconstruction_error(weight, rtn, x)
     # every column stays on the grid: at most 2^bits distinct values per row (and group)
@@ -55,8 +55,8 @@ def test_act_order_helps_when_large_inputs_come_last():
     x = _correlated_inputs()
     weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
     H = gptq.hessian(x)
-    natural = _reconstruction_error(weight, gptq.gptq_quantize(weight, H, 3), x)
-    act_order = _reconstruction_error(weight, gptq.gptq_quantize(weight, H, 3, act_order=True), x)
+    natural = _reconstruction_error(weight, gptq.gptq_quantize(weight, H, 3)[0], x)
+    act_order = _reconstruction_error(weight, gptq.gptq_quantize(weight, H, 3, act_order=True)[0], x)
     assert act_order < natural
 
 
@@ -64,8 +64,8 @@ def test_block_size_does_not_change_the_result():
     x = _correlated_inputs(seed=3)
     weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
     H = gptq.hessian(x)
-    a = gptq.gptq_quantize(weight, H, 3, block_size=64)
-    b = gptq.gptq_quantize(weight, H, 3, block_size=7)
+    a = gptq.gptq_quantize(weight, H, 3, block_size=64)[0]
+    b = gptq.gptq_quantize(weight, H, 3, block_size=7)[0]
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
@@ -73,7 +73,7 @@ def test_dead_inputs_get_zero_weights():
     x = _correlated_inputs()
     x[:, 5] = 0.0
     weight = torch.randn(8, 64)
-    quantized = gptq.gptq_quantize(weight, gptq.hessian(x), 4)
+    quantized = gptq.gptq_quantize(weight, gptq.hessian(x), 4)[0]
     assert (quantized[:, 5] == 0).all()
 
 
@@ -85,14 +85,38 @@ def test_dead_inputs_get_zero_weights():
 ])
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        gptq.gptq_quantize(torch.randn(4, 16), torch.eye(16), **kwargs)
+        gptq.gptq_quantize(torch.randn(4, 16), torch.eye(16), **kwargs)[0]
 
 
 def test_hessian_must_match_the_weight():
     with pytest.raises(ValueError, match="hessian_matrix must be a \\[16, 16\\]"):
-        gptq.gptq_quantize(torch.randn(4, 16), torch.eye(8), 4)
+        gptq.gptq_quantize(torch.randn(4, 16), torch.eye(8), 4)[0]
     with pytest.raises(ValueError, match="non-empty"):
         gptq.hessian(torch.empty(0, 4))
+
+
+@pytest.mark.parametrize("group_size, act_order", [(None, False), (16, False), (16, True)])
+def test_the_returned_grid_holds_the_weight(group_size, act_order):
+    x = _correlated_inputs()
+    linear = torch.nn.Linear(64, 8)
+    quantized, grid = gptq.gptq_quantize(linear.weight, gptq.hessian(x), 3, group_size=group_size,
+                                         act_order=act_order)
+    with torch.no_grad():
+        linear.weight.copy_(quantized)
+    granularity = "channel" if group_size is None else "group"
+    module = packed.QuantizedLinear.from_linear(linear, 3, False, granularity, group_size, qparams=grid)
+    assert torch.equal(module.dequantized_weight(), quantized)
+
+
+def test_model_gptq_packs_what_it_simulates():
+    from conftest import make_tiny_llama
+
+    blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    simulated = gptq.quantize_model_gptq(make_tiny_llama(), blocks, bits=3, group_size=32)
+    stored = gptq.quantize_model_gptq(make_tiny_llama(), blocks, bits=3, group_size=32, pack=True)
+    assert sum(isinstance(m, packed.QuantizedLinear) for m in stored.modules()) == 2 * 7
+    with torch.no_grad():
+        torch.testing.assert_close(stored(blocks).logits, simulated(blocks).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_model_gptq_quantizes_in_place_and_checks_first():
@@ -122,7 +146,7 @@ def test_gptq_beats_rtn_on_every_smollm2_layer_of_a_block(smollm2):
             continue
         for name, linear in capture.linears.items():
             x = capture.inputs[name]
-            quantized = gptq.gptq_quantize(linear.weight, gptq.hessian(x), bits=3, group_size=64)
+            quantized = gptq.gptq_quantize(linear.weight, gptq.hessian(x), bits=3, group_size=64)[0]
             rtn = _rtn(linear.weight.detach(), 3, False, 64)
             assert _reconstruction_error(linear.weight, quantized, x) < _reconstruction_error(linear.weight, rtn, x), name
             checked += 1

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refimpl.evaluate import model_bytes
-from refimpl.quantization import packed, uniform
+from refimpl.quantization import formats, packed, uniform
 
 
 @settings(max_examples=80, deadline=None)
@@ -82,8 +82,8 @@ def test_pack_model_swaps_linears_and_shrinks_the_model(tiny_llama):
     assert len(swapped) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
     assert isinstance(tiny_llama.lm_head, torch.nn.Linear)  # tied to the embedding: skipped
     assert model_bytes(tiny_llama) < fp32_bytes
-    with torch.no_grad():  # fp16 scales vs float32 scales: close, not identical
-        torch.testing.assert_close(tiny_llama(x).logits, simulated(x).logits, rtol=1e-2, atol=1e-2)
+    with torch.no_grad():  # both round their scales to float16: the same weights
+        assert torch.equal(tiny_llama(x).logits, simulated(x).logits)
 
 
 def test_pack_model_leaves_the_model_untouched_on_error():
@@ -100,6 +100,76 @@ def test_from_linear_validates():
         packed.QuantizedLinear.from_linear(torch.nn.Conv1d(4, 4, 1), 4)
     with pytest.raises(ValueError, match="granularity"):
         packed.QuantizedLinear.from_linear(torch.nn.Linear(8, 8), 4, granularity="token")
+
+
+def _grid_weight(bits=3, group_size=16, seed=0):
+    """A weight that lies on a given grid, as GPTQ leaves it: codes chosen freely, not by rounding."""
+    g = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(64, 8)
+    qparams = uniform.compute_qparams(linear.weight, bits, False, "group", group_size, scale_dtype=torch.float16)
+    codes = torch.randint(0, 2**bits, (8, 64 // group_size, group_size), generator=g, dtype=torch.int32)
+    with torch.no_grad():
+        linear.weight.copy_(uniform.dequantize(codes, qparams, (8, 64)))
+    return linear, qparams
+
+
+def test_from_linear_reads_codes_off_a_given_grid():
+    linear, qparams = _grid_weight()
+    module = packed.QuantizedLinear.from_linear(linear, 3, False, "group", 16, qparams=qparams)
+    assert torch.equal(module.dequantized_weight(), linear.weight)
+    with torch.no_grad():
+        linear.weight[0, 0] += 0.3 * qparams.scale[0, 0, 0]  # a third of a step off the grid
+    with pytest.raises(ValueError, match="not on the grid"):
+        packed.QuantizedLinear.from_linear(linear, 3, False, "group", 16, qparams=qparams)
+    with pytest.raises(ValueError, match="another grid"):
+        packed.QuantizedLinear.from_linear(linear, 4, False, "group", 16, qparams=qparams)
+
+
+def test_input_scale_packs_awq_form():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 8)
+    s = torch.rand(64) + 0.5
+    s16 = s.half().float()
+    simulated = uniform.fake_quantize(linear.weight * s16, 4, False, "group", 16, torch.float16) / s16
+    with torch.no_grad():
+        linear.weight.copy_(simulated)
+    qparams = uniform.compute_qparams(linear.weight * s16, 4, False, "group", 16, scale_dtype=torch.float16)
+    module = packed.QuantizedLinear.from_linear(linear, 4, False, "group", 16, qparams=qparams, input_scale=s)
+    torch.testing.assert_close(module.dequantized_weight(), simulated, rtol=1e-6, atol=1e-7)
+    plain = packed.QuantizedLinear.from_linear(torch.nn.Linear(64, 8), 4, False, "group", 16)
+    assert model_bytes(module) - model_bytes(plain) == 64 * 2  # one float16 scale per input feature
+    with pytest.raises(ValueError, match="input_scale"):
+        packed.QuantizedLinear.from_linear(linear, 4, input_scale=torch.ones(63))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_code_book_linear_equals_block_wise_quantization(double_quant):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(576, 64)
+    module = packed.CodeBookLinear.from_linear(linear, formats.NF4_CODE, 64, double_quant)
+    codes, absmax = formats.quantize_blockwise(linear.weight, formats.NF4_CODE, 64)
+    if double_quant:
+        absmax = formats.double_dequantize(*formats.double_quantize(absmax))
+    expected = formats.dequantize_blockwise(codes, absmax, formats.NF4_CODE, 64, linear.weight.shape)
+    assert torch.equal(module.dequantized_weight(), expected)
+    x = torch.randn(3, 576)
+    torch.testing.assert_close(module(x), torch.nn.functional.linear(x, expected, linear.bias))
+    n, n_blocks = 576 * 64, 576 * 64 // 64
+    scales = n_blocks + 4 * math.ceil(n_blocks / 256) + 4 if double_quant else 4 * n_blocks
+    assert model_bytes(module) == n // 2 + scales + 16 * 4 + 64 * 4  # codes, scales, code book, bias
+
+
+def test_pack_model_code_book_swaps_and_is_atomic(tiny_llama):
+    packed.pack_model_code_book(tiny_llama)
+    assert sum(isinstance(m, packed.CodeBookLinear) for m in tiny_llama.modules()) == 14
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        packed.pack_model_code_book(model)
+    assert not any(isinstance(m, packed.CodeBookLinear) for m in model.modules())
 
 
 def _copy(model):

@@ -27,14 +27,17 @@ import torch
 
 from refimpl import calibration
 from refimpl._validation import check_positive_int
-from refimpl.quantization import uniform
+from refimpl.quantization import packed, uniform
 
 
 def _quantize_scaled(weight: torch.Tensor, scales: torch.Tensor, bits: int, symmetric: bool,
-                     group_size: int | None) -> torch.Tensor:
-    """:math:`Q(W \\mathrm{diag}(s))\\, \\mathrm{diag}(s)^{-1}` with the uniform grid."""
+                     group_size: int | None) -> tuple[torch.Tensor, uniform.QParams]:
+    """:math:`Q(W \\mathrm{diag}(s))\\, \\mathrm{diag}(s)^{-1}` with the uniform grid, and the grid of
+    :math:`Q` (float16 scales, as stored)."""
     granularity = "channel" if group_size is None else "group"
-    return uniform.fake_quantize(weight * scales, bits, symmetric, granularity, group_size) / scales
+    scaled = weight * scales  # [out, in]: W diag(s)
+    grid = uniform.compute_qparams(scaled, bits, symmetric, granularity, group_size, uniform.WEIGHT_SCALE_DTYPE)
+    return uniform.dequantize(uniform.quantize(scaled, grid), grid, scaled.shape) / scales, grid
 
 
 def search_scales(
@@ -72,7 +75,8 @@ def search_scales(
         alpha = step / n_grid
         scales = activation_scale.pow(alpha)
         scales = scales / (scales.max() * scales.min()).sqrt()  # centre the scales around 1
-        error = sum(((x @ _quantize_scaled(w.detach().float(), scales, bits, symmetric, group_size).T - ref) ** 2)
+        scales = scales.to(uniform.WEIGHT_SCALE_DTYPE).float()  # as a packed layer stores them
+        error = sum(((x @ _quantize_scaled(w.detach().float(), scales, bits, symmetric, group_size)[0].T - ref) ** 2)
                     .sum().item() for w, ref in zip(weights, references))
         errors.append(error)
         if error < best[0]:
@@ -89,10 +93,13 @@ def quantize_model_awq(
     group_size: int | None = 64,
     n_grid: int = 20,
     batch_size: int = 8,
+    pack: bool = False,
 ) -> dict[str, float]:
     """AWQ every linear layer of the decoder layers, in place, one decoder layer at a time on the
     calibration token ``blocks``; layers that read the same input share one scale. The output layer
-    is left alone.
+    is left alone. Simulated (weights hold :math:`Q(W\\mathrm{diag}(s))\\mathrm{diag}(s)^{-1}`), or
+    with ``pack=True`` every layer replaced by a :class:`~refimpl.quantization.packed.QuantizedLinear`
+    storing the codes of :math:`Q(W\\mathrm{diag}(s))` and :math:`s` as its ``input_scale``.
 
     Returns:
         The chosen :math:`\\alpha` of every set of layers, by the name of its first layer.
@@ -113,8 +120,12 @@ def quantize_model_awq(
             linears = [capture.linears[n] for n in members]
             scales, alpha, _ = search_scales([m.weight for m in linears], capture.inputs[members[0]], bits,
                                              symmetric, group_size, n_grid)
-            for linear in linears:
-                linear.weight.copy_(_quantize_scaled(linear.weight.float(), scales, bits, symmetric, group_size)
-                                    .to(linear.weight.dtype))
+            for name, linear in zip(members, linears):
+                quantized, grid = _quantize_scaled(linear.weight.float(), scales, bits, symmetric, group_size)
+                linear.weight.copy_(quantized.to(linear.weight.dtype))
+                if pack:
+                    packed.swap_linears(capture.layer, {name: packed.QuantizedLinear.from_linear(
+                        linear, bits, symmetric, "channel" if group_size is None else "group", group_size,
+                        qparams=grid, input_scale=scales)})
             alphas[f"layers.{capture.index}.{members[0]}"] = alpha
     return alphas

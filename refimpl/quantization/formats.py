@@ -15,6 +15,8 @@ stored as the index of the nearest code-book value to :math:`w / a` (Dettmers et
   float32 rounding step.
 - **FP4**: a 4-bit float with a sign bit, 2 exponent bits and 1 mantissa bit, in the variant
   bitsandbytes uses (:func:`fp4_code_book`).
+- **Double quantization** (QLoRA): the block scales :math:`a` are quantized too, with an 8-bit
+  code book in blocks of 256 (:func:`double_quantize`).
 
 **FP8.** Two 8-bit floating-point formats (Micikevicius et al. 2022): E4M3 (4 exponent bits, 3
 mantissa bits, bias 7, largest value 448, no infinities) for weights and activations, and E5M2 (5
@@ -70,14 +72,35 @@ def fp4_code_book() -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
+def dynamic_code_book() -> torch.Tensor:
+    r"""The signed 8-bit *dynamic* code book (Dettmers 2015, "8-bit approximations"; the default of
+    bitsandbytes' block-wise 8-bit quantization), used by double quantization.
+
+    Besides the sign, a code holds a decimal exponent :math:`e \in \{0, \dots, 6\}` and a linear
+    fraction whose resolution grows with the magnitude: magnitude decade :math:`10^{e-6}` is split into
+    :math:`2^e` equal steps of :math:`[0.1, 1]`, represented by their midpoints. With 0 and 1 that
+    makes :math:`2 \cdot 127 + 2 = 256` values. Returns ``float32[256]``, ascending."""
+    values = [0.0, 1.0]
+    for exponent in range(7):
+        edges = torch.linspace(0.1, 1, 2**exponent + 1, dtype=torch.float32)  # 2^e equal steps
+        midpoints = ((edges[:-1] + edges[1:]) / 2 * 10.0 ** (exponent - 6)).tolist()
+        values += midpoints + [-m for m in midpoints]
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+#: Absmax values per second-level scale in double quantization (QLoRA §3: blocksize 256).
+DOUBLE_QUANT_BLOCKSIZE = 256
+
+
 def _check_code_book(code: torch.Tensor) -> None:
-    if not isinstance(code, torch.Tensor) or code.shape != (16,) or code.dtype != torch.float32:
-        raise ValueError("code must be a float32 tensor of 16 values (a 4-bit code book)")
+    if not isinstance(code, torch.Tensor) or code.shape not in ((16,), (256,)) or code.dtype != torch.float32:
+        raise ValueError("code must be a float32 tensor of 16 or 256 values (a 4-bit or 8-bit code book)")
 
 
-def quantize_blockwise_4bit(x: torch.Tensor, code: torch.Tensor = NF4_CODE, blocksize: int = 64
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-wise absmax quantization of ``x`` (flattened) onto a 4-bit code book.
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor = NF4_CODE, blocksize: int = 64
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise absmax quantization of ``x`` (flattened) onto a 4-bit (16 values) or 8-bit (256
+    values) code book.
 
     Each block of ``blocksize`` consecutive values (the last one may be shorter) is divided by its
     absmax :math:`a` and every value mapped to the nearest code-book entry; a value exactly halfway
@@ -105,14 +128,14 @@ def quantize_blockwise_4bit(x: torch.Tensor, code: torch.Tensor = NF4_CODE, bloc
     return order.to(flat.device)[nearest].to(torch.uint8), absmax
 
 
-def dequantize_blockwise_4bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor = NF4_CODE,
-                              blocksize: int = 64, shape: tuple[int, ...] | torch.Size | None = None) -> torch.Tensor:
-    """Inverse of :func:`quantize_blockwise_4bit`: ``absmax[block] * code[codes]`` (float32), reshaped
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor = NF4_CODE,
+                         blocksize: int = 64, shape: tuple[int, ...] | torch.Size | None = None) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise`: ``absmax[block] * code[codes]`` (float32), reshaped
     to ``shape`` if given."""
     _check_code_book(code)
     check_positive_int("blocksize", blocksize)
     if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
-        raise TypeError("codes must be a uint8 tensor from quantize_blockwise_4bit()")
+        raise TypeError("codes must be a uint8 tensor from quantize_blockwise()")
     n = codes.numel()
     if absmax.numel() != -(-n // blocksize):
         raise ValueError(f"absmax holds {absmax.numel()} scales, but {n} codes in blocks of {blocksize} need "
@@ -123,11 +146,36 @@ def dequantize_blockwise_4bit(codes: torch.Tensor, absmax: torch.Tensor, code: t
     return out.reshape(shape) if shape is not None else out
 
 
-def fp8_round(x: torch.Tensor, fmt: str = "e4m3", saturate: bool = False) -> torch.Tensor:
-    """Round float32 ``x`` to the nearest value representable in FP8 ``fmt`` (ties to even), as float32.
+def double_quantize(absmax: torch.Tensor, blocksize: int = DOUBLE_QUANT_BLOCKSIZE
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""QLoRA's double quantization (§3): quantize the first-level float32 block scales ``absmax``
+    themselves, block-wise with the 8-bit :func:`dynamic_code_book`, after subtracting their mean
+    (they are all positive, so centring them uses the signed code book fully).
 
-    A value with exponent :math:`e = \\lfloor \\log_2 |x| \\rfloor` (at least the smallest normal
-    exponent :math:`1 - \\text{bias}`, below which values are subnormal) lies on a grid of step
+    For 4-bit weights in blocks of 64 this cuts the scales' memory from :math:`32/64 = 0.5` to
+    :math:`8/64 + 32/(64 \cdot 256) \approx 0.127` bits per parameter.
+
+    Returns:
+        ``(codes, scales, offset)``: ``uint8[n]``, ``float32[ceil(n / blocksize)]``, float32 scalar.
+    """
+    if not isinstance(absmax, torch.Tensor) or absmax.dim() != 1 or absmax.dtype != torch.float32:
+        raise TypeError("absmax must be a 1-D float32 tensor of block scales")
+    offset = absmax.mean()
+    codes, scales = quantize_blockwise(absmax - offset, dynamic_code_book(), blocksize)
+    return codes, scales, offset
+
+
+def double_dequantize(codes: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor,
+                      blocksize: int = DOUBLE_QUANT_BLOCKSIZE) -> torch.Tensor:
+    """Inverse of :func:`double_quantize`: the first-level block scales, ``float32[n]``."""
+    return dequantize_blockwise(codes, scales, dynamic_code_book(), blocksize) + offset
+
+
+def fp8_round(x: torch.Tensor, fmt: str = "e4m3", saturate: bool = False) -> torch.Tensor:
+    r"""Round float32 ``x`` to the nearest value representable in FP8 ``fmt`` (ties to even), as float32.
+
+    A value with exponent :math:`e = \lfloor \log_2 |x| \rfloor` (at least the smallest normal
+    exponent :math:`1 - \text{bias}`, below which values are subnormal) lies on a grid of step
     :math:`2^{e - m}` for :math:`m` mantissa bits; rounding to that grid is exact in float32.
 
     Args:

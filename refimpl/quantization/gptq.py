@@ -32,7 +32,7 @@ import torch
 
 from refimpl import calibration
 from refimpl._validation import check_positive_int
-from refimpl.quantization import uniform
+from refimpl.quantization import packed, uniform
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,7 @@ def gptq_quantize(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, uniform.QParams]:
     """Quantize ``weight [out, in]`` with GPTQ given the Hessian ``H [in, in]`` of its inputs.
 
     Args:
@@ -72,7 +72,9 @@ def gptq_quantize(
         act_order: quantize columns by decreasing :math:`H_{qq}`.
 
     Returns:
-        The dequantized GPTQ weight ``[out, in]`` (float32; the values a quantized model computes with).
+        ``(weight, qparams)``: the dequantized GPTQ weight ``[out, in]`` (float32; the values a
+        quantized model computes with) and the grid it lies on (float16-representable scales), from
+        which :meth:`refimpl.quantization.packed.QuantizedLinear.from_linear` reads off its codes.
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError("weight must be a 2-D floating-point tensor [out_features, in_features]")
@@ -102,7 +104,7 @@ def gptq_quantize(
     inverse_perm = torch.argsort(perm)
 
     def params_for(columns: torch.Tensor) -> uniform.QParams:  # one scale per row of these columns
-        return uniform.compute_qparams(columns.float(), bits, symmetric, "channel")
+        return uniform.compute_qparams(columns.float(), bits, symmetric, "channel", None, uniform.WEIGHT_SCALE_DTYPE)
 
     # Grid parameters: per channel from the whole original weight; per group either from the original
     # weight (act-order: static groups) or later, from the updated weight, when the loop reaches them.
@@ -130,14 +132,20 @@ def gptq_quantize(
                 if act_order:
                     qparams = fixed[group]
                 elif column % group_size == 0:  # entering a new group: scale from the updated weights
-                    qparams = params_for(W[:, i : i + group_size])
+                    qparams = fixed[group] = params_for(W[:, i : i + group_size])
             q = _quantize_columns(W[:, i : i + 1].float(), qparams).double()[:, 0]  # [out]
             Q[:, i] = q
             error = (W[:, i] - q) / U[i, i]  # [out]
             W[:, i + 1 : end] -= error[:, None] * U[i, i + 1 : end][None, :]  # within the block, now
             errors[:, i - start] = error
         W[:, end:] -= errors @ U[start:end, end:]  # the rest of the matrix, once per block
-    return Q[:, inverse_perm].to(torch.float32)
+    if group_size is None:
+        grid = fixed[0]
+    else:  # one [out, 1] scale per group -> [out, n_groups, 1], the shape of uniform.grouped
+        groups = [fixed[g] for g in range(0, n_in, group_size)]
+        grid = uniform.QParams(torch.stack([p.scale for p in groups], dim=1),
+                               torch.stack([p.zero_point for p in groups], dim=1), bits, symmetric, "group", group_size)
+    return Q[:, inverse_perm].to(torch.float32), grid
 
 
 @torch.no_grad()
@@ -151,18 +159,25 @@ def quantize_model_gptq(
     damp: float = 0.01,
     act_order: bool = False,
     batch_size: int = 8,
+    pack: bool = False,
 ) -> torch.nn.Module:
     """GPTQ every linear layer of the decoder layers, in place, one decoder layer at a time on the
     calibration token ``blocks`` (:func:`refimpl.calibration.layerwise`: each layer is calibrated on
     the outputs of the already quantized layers before it). The output layer is left alone.
 
     Returns:
-        ``model``, modified in place (simulated quantization: weights hold the dequantized values).
+        ``model``, modified in place: simulated quantization (weights hold the dequantized values),
+        or with ``pack=True`` every layer replaced by a :class:`~refimpl.quantization.packed.QuantizedLinear`
+        holding GPTQ's codes and grid (the same values, really stored in ``bits`` bits).
     """
     uniform.check_model_grid(model, bits, group_size)  # fail before changing anything
+    granularity = "channel" if group_size is None else "group"
     for capture in calibration.layerwise(model, blocks, batch_size):
         for name, linear in capture.linears.items():
-            quantized = gptq_quantize(linear.weight, hessian(capture.inputs[name]), bits, symmetric,
-                                      group_size, block_size, damp, act_order)
+            quantized, grid = gptq_quantize(linear.weight, hessian(capture.inputs[name]), bits, symmetric,
+                                            group_size, block_size, damp, act_order)
             linear.weight.copy_(quantized.to(linear.weight.dtype))
+            if pack:
+                packed.swap_linears(capture.layer, {name: packed.QuantizedLinear.from_linear(
+                    linear, bits, symmetric, granularity, group_size, qparams=grid)})
     return model

@@ -7,9 +7,12 @@ in three bytes), plus one float16 scale (and zero-point) per channel or group �
 ``forward``. :func:`refimpl.evaluate.model_bytes` measures its buffers, so the bytes of a quantized
 model are counted from what it really holds.
 
+:class:`CodeBookLinear` does the same for the 4-bit code-book formats (NF4, FP4) of
+:mod:`refimpl.quantization.formats`, with QLoRA's double quantization of the block scales.
+
 The module swap follows gpt-fast: primitives (:func:`pack_codes`, :func:`unpack_codes`), a module
-built from an ``nn.Linear`` (:meth:`QuantizedLinear.from_linear`), and a recursive swap over a model
-(:func:`pack_model`).
+built from an ``nn.Linear`` (:meth:`QuantizedLinear.from_linear`), and a swap over a model
+(:func:`swap_linears`, used by :func:`pack_model` and :func:`pack_model_code_book`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from refimpl.quantization import uniform
+from refimpl.quantization import formats, uniform
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -62,11 +65,16 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 class QuantizedLinear(torch.nn.Module):
-    """A linear layer holding packed ``bits``-bit weight codes and float16 scales (and zero-points);
-    ``forward`` dequantizes the weight and runs an ordinary matrix product."""
+    r"""A linear layer holding packed ``bits``-bit weight codes and float16 scales (and zero-points);
+    ``forward`` dequantizes the weight and runs an ordinary matrix product.
+
+    An optional float16 ``input_scale`` :math:`s` (one per input feature) stores a weight quantized as
+    :math:`Q(W\,\mathrm{diag}(s))`, as AWQ produces it: ``forward`` computes
+    :math:`Q(W\,\mathrm{diag}(s))\,(x / s)`. (A deployed model folds :math:`1/s` into the operation
+    that produces :math:`x`; storing it costs two bytes per input feature.)"""
 
     def __init__(self, in_features: int, out_features: int, bits: int, symmetric: bool,
-                 granularity: str, group_size: int | None, bias: bool):
+                 granularity: str, group_size: int | None, bias: bool, input_scale: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.symmetric = bits, symmetric
@@ -79,9 +87,11 @@ class QuantizedLinear(torch.nn.Module):
             n_scales = out_features * (in_features // group_size)
         n_bytes = -(-in_features * out_features * bits // 8)
         self.register_buffer("packed", torch.zeros(n_bytes, dtype=torch.uint8))
-        self.register_buffer("scale", torch.zeros(n_scales, dtype=torch.float16))
+        self.register_buffer("scale", torch.zeros(n_scales, dtype=uniform.WEIGHT_SCALE_DTYPE))
         # Symmetric codes need no zero-point: none is stored.
         self.register_buffer("zero_point", None if symmetric else torch.zeros(n_scales, dtype=torch.uint8))
+        self.register_buffer("input_scale", torch.ones(in_features, dtype=uniform.WEIGHT_SCALE_DTYPE)
+                             if input_scale else None)
         self.register_buffer("bias", None)
         if bias:
             self.bias = torch.zeros(out_features)
@@ -89,22 +99,52 @@ class QuantizedLinear(torch.nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: torch.nn.Linear, bits: int, symmetric: bool = False, granularity: str = "group",
-                    group_size: int | None = 64) -> "QuantizedLinear":
-        """Quantize ``linear``'s weight (round to nearest) into a new packed module; ``linear`` is unchanged."""
+                    group_size: int | None = 64, qparams: uniform.QParams | None = None,
+                    input_scale: torch.Tensor | None = None) -> "QuantizedLinear":
+        r"""Quantize ``linear``'s weight into a new packed module; ``linear`` is unchanged.
+
+        Without ``qparams`` the weight is rounded to nearest. With ``qparams`` (the grid a method such
+        as GPTQ chose) the weight must already lie on that grid — it holds dequantized values — and
+        its codes are read off exactly; a weight off the grid raises ``ValueError``. With
+        ``input_scale`` :math:`s` the weight is taken to be :math:`\hat W\,\mathrm{diag}(s)^{-1}`
+        (AWQ's simulated form) and :math:`\hat W` is what is packed.
+        """
         if not isinstance(linear, torch.nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         uniform.check_bits(bits)
         if granularity == "token":
             raise ValueError("granularity must be 'tensor', 'channel' or 'group' for weights, got 'token'")
-        weight = linear.weight  # [out, in]
-        qparams = uniform.compute_qparams(weight, bits, symmetric, granularity, group_size, scale_dtype=torch.float16)
-        codes = uniform.quantize(weight, qparams) - qparams.qmin  # shifted to [0, 2^bits - 1]
+        weight = linear.weight.detach().float()  # [out, in]
+        if input_scale is not None:
+            if not isinstance(input_scale, torch.Tensor) or input_scale.shape != (linear.in_features,):
+                raise ValueError(f"input_scale must be a tensor of shape [{linear.in_features}]")
+            input_scale = input_scale.to(uniform.WEIGHT_SCALE_DTYPE)
+            if not (torch.isfinite(input_scale) & (input_scale > 0)).all():
+                raise ValueError("input_scale must be positive and finite in float16")
+            weight = weight * input_scale.float()  # [out, in]: W diag(s)
+        given_qparams = qparams is not None
+        if qparams is None:
+            qparams = uniform.compute_qparams(weight, bits, symmetric, granularity, group_size,
+                                              scale_dtype=uniform.WEIGHT_SCALE_DTYPE)
+        else:
+            if (qparams.bits, qparams.symmetric, qparams.granularity, qparams.group_size) != (
+                    bits, symmetric, granularity, group_size):
+                raise ValueError("qparams were made for another grid than bits/symmetric/granularity/group_size")
+            if not torch.equal(qparams.scale, qparams.scale.to(uniform.WEIGHT_SCALE_DTYPE).float()):
+                raise ValueError("qparams.scale must be representable in float16, the dtype stored")
+        codes = uniform.quantize(weight, qparams)
+        if given_qparams:
+            off_grid = (uniform.dequantize(codes, qparams, weight.shape) - weight).abs()
+            if (off_grid > 1e-3 * qparams.scale.max()).any():
+                raise ValueError(f"the weight is not on the grid of qparams (off by up to {off_grid.max():.3g})")
         module = cls(linear.in_features, linear.out_features, bits, symmetric, granularity, group_size,
-                     bias=linear.bias is not None).to(weight.device)
-        module.packed.copy_(pack_codes(codes, bits))
+                     bias=linear.bias is not None, input_scale=input_scale is not None).to(weight.device)
+        module.packed.copy_(pack_codes(codes - qparams.qmin, bits))  # codes shifted to [0, 2^bits - 1]
         module.scale.copy_(qparams.scale.reshape(-1))
         if not symmetric:
             module.zero_point.copy_(qparams.zero_point.reshape(-1))
+        if input_scale is not None:
+            module.input_scale.copy_(input_scale)
         if linear.bias is not None:
             module.bias = linear.bias.detach().clone()
         return module
@@ -118,12 +158,13 @@ class QuantizedLinear(torch.nn.Module):
         return uniform.QParams(scale, zero_point, self.bits, self.symmetric, self.granularity, self.group_size)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The weight ``[out, in]`` this module computes with (float32)."""
+        """The weight ``[out, in]`` this module computes with (float32), input scale included."""
         qparams = self.qparams()
         codes = unpack_codes(self.packed, self.bits, self.in_features * self.out_features) + qparams.qmin
         grouped_shape = uniform.grouped(torch.empty(self.out_features, self.in_features, device="meta"),
                                         self.granularity, self.group_size).shape
-        return uniform.dequantize(codes.view(grouped_shape), qparams, (self.out_features, self.in_features))
+        weight = uniform.dequantize(codes.view(grouped_shape), qparams, (self.out_features, self.in_features))
+        return weight if self.input_scale is None else weight / self.input_scale.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.dequantized_weight().to(x.dtype)
@@ -133,25 +174,116 @@ class QuantizedLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         size = self.granularity if self.granularity != "group" else f"group {self.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"{'symmetric' if self.symmetric else 'asymmetric'}, {size}")
+                f"{'symmetric' if self.symmetric else 'asymmetric'}, {size}"
+                + (", input_scale" if self.input_scale is not None else ""))
+
+
+class CodeBookLinear(torch.nn.Module):
+    """A linear layer holding its weight in a 4-bit code-book format (NF4 or FP4,
+    :mod:`refimpl.quantization.formats`): packed 4-bit codes, two per byte, and one absmax per block
+    of ``blocksize`` weights — float32, or with ``double_quant`` 8-bit codes of the absmax values plus
+    one float32 scale per 256 of them and a float32 offset (QLoRA's double quantization)."""
+
+    def __init__(self, in_features: int, out_features: int, code: torch.Tensor, blocksize: int,
+                 double_quant: bool, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features, self.blocksize = in_features, out_features, blocksize
+        n = in_features * out_features
+        n_blocks = -(-n // blocksize)
+        self.register_buffer("code", code.clone())  # float32[16], 64 bytes per layer
+        self.register_buffer("packed", torch.zeros(-(-n // 2), dtype=torch.uint8))
+        if double_quant:
+            self.register_buffer("absmax", torch.zeros(n_blocks, dtype=torch.uint8))
+            self.register_buffer("absmax_scale", torch.zeros(-(-n_blocks // formats.DOUBLE_QUANT_BLOCKSIZE)))
+            self.register_buffer("absmax_offset", torch.zeros(()))
+        else:
+            self.register_buffer("absmax", torch.zeros(n_blocks))
+        self.register_buffer("bias", None)
+        if bias:
+            self.bias = torch.zeros(out_features)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax.dtype == torch.uint8
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: torch.nn.Linear, code: torch.Tensor = formats.NF4_CODE, blocksize: int = 64,
+                    double_quant: bool = True) -> "CodeBookLinear":
+        """Quantize ``linear``'s weight block-wise onto ``code``; ``linear`` is unchanged."""
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        codes, absmax = formats.quantize_blockwise(linear.weight, code, blocksize)
+        module = cls(linear.in_features, linear.out_features, code, blocksize, double_quant,
+                     bias=linear.bias is not None).to(linear.weight.device)
+        module.packed.copy_(pack_codes(codes, 4))
+        if double_quant:
+            absmax_codes, absmax_scale, offset = formats.double_quantize(absmax)
+            module.absmax.copy_(absmax_codes)
+            module.absmax_scale.copy_(absmax_scale)
+            module.absmax_offset.copy_(offset)
+        else:
+            module.absmax.copy_(absmax)
+        if linear.bias is not None:
+            module.bias = linear.bias.detach().clone()
+        return module
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight ``[out, in]`` this module computes with (float32)."""
+        absmax = self.absmax
+        if self.double_quant:
+            absmax = formats.double_dequantize(self.absmax, self.absmax_scale, self.absmax_offset)
+        codes = unpack_codes(self.packed, 4, self.in_features * self.out_features).to(torch.uint8)
+        return formats.dequantize_blockwise(codes, absmax, self.code, self.blocksize,
+                                            (self.out_features, self.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}, "
+                f"double_quant={self.double_quant}")
+
+
+def swap_linears(model: torch.nn.Module, replacements: dict[str, torch.nn.Module]) -> torch.nn.Module:
+    """Put each module of ``replacements`` (by full name) in place of the layer of that name, in place.
+    Build all replacements before calling this, so that an error while building leaves ``model`` untouched."""
+    for name, module in replacements.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    return model
+
+
+def _linears(model: torch.nn.Module, skip: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
+    linears = uniform.quantizable_linears(model, skip)
+    if not linears:
+        raise ValueError("model has no nn.Linear layer to quantize (after skip)")
+    return linears
 
 
 @torch.no_grad()
 def pack_model(model: torch.nn.Module, bits: int, symmetric: bool = False, granularity: str = "group",
                group_size: int | None = 64, skip: tuple[str, ...] = ("lm_head",)) -> torch.nn.Module:
-    """Replace every linear layer of ``model`` (except ``skip``) by a :class:`QuantizedLinear`, in place.
-
-    Every layer is quantized before the first one is swapped, so an error leaves the model untouched.
+    """Replace every linear layer of ``model`` (except ``skip``) by a round-to-nearest
+    :class:`QuantizedLinear`, in place. Every layer is quantized before the first one is swapped, so
+    an error leaves the model untouched.
 
     Returns:
         ``model``, modified in place.
     """
-    linears = uniform.quantizable_linears(model, skip)
-    if not linears:
-        raise ValueError("model has no nn.Linear layer to quantize (after skip)")
-    replacements = {name: QuantizedLinear.from_linear(linear, bits, symmetric, granularity, group_size)
-                    for name, linear in linears.items()}
-    for name, module in replacements.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-    return model
+    return swap_linears(model, {name: QuantizedLinear.from_linear(linear, bits, symmetric, granularity, group_size)
+                                for name, linear in _linears(model, skip).items()})
+
+
+@torch.no_grad()
+def pack_model_code_book(model: torch.nn.Module, code: torch.Tensor = formats.NF4_CODE, blocksize: int = 64,
+                         double_quant: bool = True, skip: tuple[str, ...] = ("lm_head",)) -> torch.nn.Module:
+    """Replace every linear layer of ``model`` (except ``skip``) by a :class:`CodeBookLinear` (NF4 by
+    default, with double quantization), in place; an error leaves the model untouched.
+
+    Returns:
+        ``model``, modified in place.
+    """
+    return swap_linears(model, {name: CodeBookLinear.from_linear(linear, code, blocksize, double_quant)
+                                for name, linear in _linears(model, skip).items()})

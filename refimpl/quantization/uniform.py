@@ -36,6 +36,9 @@ from refimpl._validation import check_choice, check_positive_int
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
 MIN_BITS, MAX_BITS = 2, 8
+#: The dtype weight scales are stored in (:mod:`refimpl.quantization.packed`); weight quantizers round
+#: their scales to it so that simulated and packed models compute the same values.
+WEIGHT_SCALE_DTYPE = torch.float16
 
 
 @dataclass(frozen=True)
@@ -132,11 +135,10 @@ def compute_qparams(
     _check_granularity(x, granularity, group_size)
     qmin, qmax = code_range(bits, symmetric)
     g = grouped(x.detach().float(), granularity, group_size)  # values sharing a scale on the last dim
-    tiny = torch.finfo(torch.float32).tiny
+    tiny = torch.finfo(scale_dtype).tiny  # an all-zero group gets a harmless non-zero scale
     if symmetric:
         absmax = g.abs().amax(dim=-1, keepdim=True)
-        scale = (absmax / qmax).clamp_min(tiny)  # an all-zero group gets a harmless non-zero scale
-        scale = scale.to(scale_dtype).float()
+        scale = (absmax / qmax).clamp_min(tiny).to(scale_dtype).float()
         zero_point = torch.zeros_like(scale)
     else:
         low = g.amin(dim=-1, keepdim=True).clamp_max(0.0)
@@ -175,10 +177,11 @@ def fake_quantize(
     symmetric: bool = True,
     granularity: str = "channel",
     group_size: int | None = None,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``dequantize(quantize(x))`` with parameters computed from ``x`` itself (dynamic range): the
-    values a quantized model computes with, in ``x``'s dtype."""
-    qparams = compute_qparams(x, bits, symmetric, granularity, group_size)
+    values a quantized model computes with, in ``x``'s dtype. ``scale_dtype`` as in :func:`compute_qparams`."""
+    qparams = compute_qparams(x, bits, symmetric, granularity, group_size, scale_dtype)
     return dequantize(quantize(x, qparams), qparams, x.shape).to(x.dtype)
 
 
@@ -214,6 +217,9 @@ def quantize_model_rtn(
     """Round-to-nearest weight quantization of every linear layer, in place (simulated: each weight
     is replaced by its dequantized values; :mod:`refimpl.quantization.packed` stores real codes).
 
+    Scales are rounded to float16, the precision a packed layer stores (:data:`WEIGHT_SCALE_DTYPE`),
+    so the simulated model computes exactly what the packed one does.
+
     All layers are checked before the first one changes, so an error leaves the model untouched.
 
     Returns:
@@ -228,5 +234,5 @@ def quantize_model_rtn(
         _check_input(linear.weight, f"weight of {name}")
         _check_granularity(linear.weight, granularity, group_size)
     for linear in linears.values():
-        linear.weight.copy_(fake_quantize(linear.weight, bits, symmetric, granularity, group_size))
+        linear.weight.copy_(fake_quantize(linear.weight, bits, symmetric, granularity, group_size, WEIGHT_SCALE_DTYPE))
     return model
