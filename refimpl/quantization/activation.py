@@ -1,0 +1,219 @@
+r"""Weight-and-activation quantization (W8A8): integer inputs *and* integer weights for every matmul.
+
+Weight-only quantization (W8A16, W4A16) shrinks the bytes a model stores, but each matmul still runs
+in floating point. Quantizing the *inputs* of the linear layers too lets the matmul itself run on
+integer units: with per-token input scales :math:`\Delta_X \in \mathbb{R}^{T}` and per-output-channel
+weight scales :math:`\Delta_W \in \mathbb{R}^{C_o}`,
+
+.. math:: Y \approx \mathrm{diag}(\Delta_X)\,\big(\bar X^{\mathrm{INT8}}\, \bar W^{\mathrm{INT8}\top}\big)\,\mathrm{diag}(\Delta_W),
+
+one integer GEMM followed by a rescale of its int32 output (Xiao et al. 2022, SmoothQuant §2, Eq. 1:
+:math:`\bar X^{\mathrm{INT8}} = \lceil X / \Delta \rfloor`, :math:`\Delta = \max|X| / (2^{N-1}-1)`).
+A scale may vary along the *outer* dimensions of the GEMM (tokens of :math:`X`, output channels of
+:math:`W`) but not along the inner one (input channels), which is summed over — so activations get one
+scale per tensor or per token, never per input channel. The activation range is either **static**
+(one scale calibrated beforehand from the absmax of calibration activations; later values beyond it
+saturate) or **dynamic** (computed from each input at run time: per tensor or per token).
+
+This module simulates that ("fake" quantization, on the shared grid of
+:mod:`refimpl.quantization.uniform`): :class:`ActivationQuantizedLinear` holds the dequantized weight and
+rounds its input to the activation grid in ``forward``; :func:`quantize_model_w8a8` swaps it in for
+the linear layers of a model. SmoothQuant (:mod:`~refimpl.quantization.smoothquant`) and ZeroQuant
+(:mod:`~refimpl.quantization.zeroquant`) are configurations of it; ``a_bits=None`` gives weight-only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refimpl import calibration
+from refimpl._validation import check_choice, check_positive_int
+from refimpl.quantization import packed, uniform
+
+WEIGHT_GRANULARITIES = ("tensor", "channel", "group")
+ACT_GRANULARITIES = ("tensor", "token")
+
+
+def _check_optional_bits(param: str, bits: int | None) -> None:
+    if bits is None:
+        return
+    try:
+        uniform.check_bits(bits)
+    except ValueError:
+        raise ValueError(f"{param} must be None or an int in [{uniform.MIN_BITS}, {uniform.MAX_BITS}], "
+                         f"got {bits!r}") from None
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the rounded value; backward: the gradient of the identity (Bengio et al. 2013)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        return x_hat.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def straight_through(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """``x_hat`` (the quantized ``x``) in the forward pass, with the gradient passed to ``x`` unchanged:
+    the straight-through estimator that makes rounding trainable."""
+    return _StraightThrough.apply(x, x_hat.detach())
+
+
+class ActivationQuantizedLinear(nn.Module):
+    """A linear layer computing with a quantized weight and quantized inputs (simulated).
+
+    The weight is fake-quantized once, here, on ``w_bits`` per ``weight_granularity``; each input is
+    fake-quantized in :meth:`forward` on ``a_bits``: per token or per tensor from its own range
+    (dynamic), or, when ``static_absmax`` is given, per tensor with that calibrated range (static).
+    ``w_bits=None`` keeps the weight in full precision; ``a_bits=None`` keeps the input (weight-only).
+
+    Rounding has no useful gradient; when the input requires one, :meth:`forward` passes it straight
+    through the activation quantizer (straight-through estimator), so the module can be trained.
+    """
+
+    def __init__(self, linear: nn.Linear, w_bits: int | None = 8, a_bits: int | None = 8,
+                 weight_granularity: str = "channel", group_size: int | None = None,
+                 act_granularity: str = "token", static_absmax: float | torch.Tensor | None = None,
+                 w_symmetric: bool = True, a_symmetric: bool = True):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        _check_optional_bits("w_bits", w_bits)
+        _check_optional_bits("a_bits", a_bits)
+        if w_bits is None and a_bits is None:
+            raise ValueError("w_bits and a_bits are both None: nothing to quantize")
+        check_choice("weight_granularity", weight_granularity, WEIGHT_GRANULARITIES)
+        check_choice("act_granularity", act_granularity, ACT_GRANULARITIES)
+        if static_absmax is not None and (act_granularity != "tensor" or not a_symmetric or a_bits is None):
+            raise ValueError("static_absmax (a static range) needs act_granularity='tensor', "
+                             "a_symmetric=True and a_bits set")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.w_bits, self.a_bits = w_bits, a_bits
+        self.weight_granularity, self.group_size = weight_granularity, group_size
+        self.w_symmetric, self.act_granularity, self.a_symmetric = w_symmetric, act_granularity, a_symmetric
+        weight = self.quantize_weight(linear.weight.detach())
+        self.weight = nn.Parameter(weight.clone(), requires_grad=False)  # dequantized W, [out, in]
+        self.bias = linear.bias  # shared with the original layer, not quantized (added to the int32 output)
+        input_scale = None
+        if static_absmax is not None:  # Eq. 1 with a calibrated range: Delta = max|X| / (2^(N-1) - 1)
+            absmax = torch.as_tensor(static_absmax, dtype=torch.float32).detach().reshape(1, 1)  # [1, 1]
+            if not torch.isfinite(absmax).all() or absmax.item() < 0:
+                raise ValueError(f"static_absmax must be a finite number >= 0, got {absmax.item()!r}")
+            qmax = uniform.code_range(a_bits, True)[1]
+            input_scale = (absmax / qmax).clamp_min(torch.finfo(torch.float32).tiny)
+        self.register_buffer("input_scale", input_scale)  # static per-tensor scale, or None: dynamic
+
+    def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight [out, in]`` on this layer's weight grid (dequantized); unchanged if ``w_bits`` is None."""
+        if self.w_bits is None:
+            return weight
+        return uniform.fake_quantize(weight, self.w_bits, self.w_symmetric, self.weight_granularity, self.group_size,
+                                     uniform.WEIGHT_SCALE_DTYPE)  # scales as a packed layer stores them
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the integer GEMM sees it (dequantized), ``x [..., in_features]``."""
+        if self.a_bits is None:
+            return x
+        if self.input_scale is not None:  # static: the calibrated scale, values beyond it saturate
+            qparams = uniform.QParams(self.input_scale, torch.zeros_like(self.input_scale), self.a_bits, True,
+                                      "tensor", None)
+            x_hat = uniform.dequantize(uniform.quantize(x, qparams), qparams, x.shape).to(x.dtype)
+        else:  # dynamic: the range of this very input, per tensor or per token
+            x_hat = uniform.fake_quantize(x, self.a_bits, self.a_symmetric, self.act_granularity)
+        return straight_through(x, x_hat) if x.requires_grad and torch.is_grad_enabled() else x_hat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantize_input(x), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        weight = "fp" if self.w_bits is None else f"int{self.w_bits} per {self.weight_granularity}"
+        if self.group_size:
+            weight += f" of {self.group_size}"
+        act = "fp" if self.a_bits is None else (
+            f"int{self.a_bits} per {self.act_granularity} "
+            f"{'static' if self.input_scale is not None else 'dynamic'}")
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight={weight}, input={act}"
+
+
+def activation_absmax(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8,
+                      skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """:math:`\\max_t |X_{t,j}|` for every input channel :math:`j` of every linear layer inside the
+    decoder blocks, on the calibration token ``blocks``: ``{full module name: float32[in_features]}``.
+
+    Static activation ranges (:func:`quantize_model_w8a8`) and SmoothQuant's smoothing factors both
+    start from it. The model is not changed, so every layer sees full-precision inputs.
+    """
+    names = {id(module): name for name, module in model.named_modules()}
+    absmax = {}
+    for capture in calibration.layerwise(model, blocks, batch_size, skip):
+        for name, linear in capture.linears.items():
+            absmax[names[id(linear)]] = capture.inputs[name].abs().amax(dim=0)  # [n_tokens, in] -> [in]
+    return absmax
+
+
+@torch.no_grad()
+def quantize_model_w8a8(
+    model: nn.Module,
+    blocks: torch.Tensor | None = None,
+    w_bits: int | None = 8,
+    a_bits: int | None = 8,
+    weight_granularity: str = "channel",
+    group_size: int | None = None,
+    act_granularity: str = "token",
+    static: bool = False,
+    skip: tuple[str, ...] = ("lm_head",),
+    w_symmetric: bool = True,
+    a_symmetric: bool = True,
+    batch_size: int = 8,
+) -> nn.Module:
+    """Replace every linear layer of ``model`` (except those named in ``skip``) by an
+    :class:`ActivationQuantizedLinear`, in place.
+
+    ``static=True`` calibrates one per-tensor input range per layer on ``blocks`` (the absmax of its
+    inputs over all calibration tokens, :func:`activation_absmax`) and needs
+    ``act_granularity='tensor'``; otherwise ranges are dynamic and ``blocks`` is not used.
+    ``a_bits=None`` is weight-only quantization (W8A16 with ``w_bits=8``).
+
+    Every replacement is built before the first one is swapped in, so an error (bad argument, a layer
+    whose weight holds NaN) leaves the model untouched.
+
+    Returns:
+        ``model``, modified in place.
+    """
+    if not isinstance(static, bool):
+        raise TypeError(f"static must be a bool, got {type(static).__name__}")
+    _check_optional_bits("w_bits", w_bits)  # the cheap checks come before the calibration pass
+    _check_optional_bits("a_bits", a_bits)
+    check_choice("weight_granularity", weight_granularity, WEIGHT_GRANULARITIES)
+    check_choice("act_granularity", act_granularity, ACT_GRANULARITIES)
+    linears = uniform.quantizable_linears(model, skip)
+    if not linears:
+        raise ValueError("model has no nn.Linear layer to quantize (after skip)")
+    if w_bits is not None and weight_granularity == "group":
+        check_positive_int("group_size", group_size)
+        uniform.check_model_grid(model, w_bits, group_size, skip)
+    absmax: dict[str, torch.Tensor] = {}
+    if static:
+        if act_granularity != "tensor" or a_bits is None:
+            raise ValueError("static=True calibrates one range per tensor: use act_granularity='tensor' and set a_bits")
+        if blocks is None:
+            raise ValueError("blocks (calibration token ids) are needed when static=True")
+        absmax = activation_absmax(model, blocks, batch_size)
+        missing = [name for name in linears if name not in absmax]
+        if missing:
+            raise ValueError(f"no calibrated range for {missing}: static ranges are calibrated inside the "
+                             f"decoder blocks only; add these layers to skip")
+    replacements = {}
+    for name, linear in linears.items():
+        try:
+            replacements[name] = ActivationQuantizedLinear(
+                linear, w_bits, a_bits, weight_granularity, group_size, act_granularity,
+                absmax[name].max() if static else None, w_symmetric, a_symmetric)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    return packed.swap_linears(model, replacements)
