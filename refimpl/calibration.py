@@ -19,6 +19,14 @@ it, and only one layer's activations are in memory at once.
 It works for Hugging Face decoders that keep their blocks in ``model.model.layers`` (Llama, Mistral,
 Qwen, SmolLM2, ...): the arguments the model passes to its first block (attention mask, rotary
 embeddings, positions) are recorded once and reused for every block.
+
+Most methods need only a few statistics of :math:`X`, not :math:`X` itself: the Gram matrix
+:math:`X^\\top X` (from which GPTQ's Hessian and any layer's output error
+:math:`\\lVert \\Delta W X \\rVert^2 = \\mathrm{tr}(\\Delta W X^\\top X \\Delta W^\\top)` follow), the mean
+and the maximum magnitude per input channel. :class:`InputStatistics` holds them;
+:func:`input_statistics` captures them once for a whole (uncompressed) model, so that a sweep over bit
+widths or methods need not run the model again; :func:`statistics_by_layer` feeds a method either
+way — recomputed layer by layer from calibration blocks, or from statistics captured once.
 """
 
 from __future__ import annotations
@@ -82,6 +90,16 @@ def _first_layer_inputs(model: torch.nn.Module, blocks: torch.Tensor, batch_size
     return recorded
 
 
+def check_blocks(blocks: torch.Tensor, batch_size: int = 8) -> None:
+    """Calibration token ``blocks`` must be a non-empty ``LongTensor [n_blocks, seq_len]`` and
+    ``batch_size`` a positive int."""
+    if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.long or blocks.dim() != 2:
+        raise TypeError("blocks must be token ids, a LongTensor [n_blocks, seq_len]")
+    if blocks.numel() == 0:
+        raise ValueError("blocks is empty: calibration needs at least one block of tokens")
+    check_positive_int("batch_size", batch_size)
+
+
 def layerwise(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8,
               skip: tuple[str, ...] = ()) -> Iterator[LayerCapture]:
     """Walk the decoder layers in order, yielding each with the inputs of its linear layers.
@@ -96,11 +114,7 @@ def layerwise(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8,
         batch_size: blocks per forward pass.
         skip: linear layers whose name contains one of these strings are not captured.
     """
-    if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.long or blocks.dim() != 2:
-        raise TypeError("blocks must be token ids, a LongTensor [n_blocks, seq_len]")
-    if blocks.numel() == 0:
-        raise ValueError("blocks is empty: calibration needs at least one block of tokens")
-    check_positive_int("batch_size", batch_size)
+    check_blocks(blocks, batch_size)
     layers = decoder_layers(model)
     states = _first_layer_inputs(model, blocks, batch_size)
     for index in progress(range(len(layers)), desc="calibration", total=len(layers)):
@@ -121,6 +135,81 @@ def layerwise(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8,
         yield LayerCapture(index, layer, linears, {name: torch.cat(xs) for name, xs in inputs.items()})
         with torch.no_grad():  # the layer may have changed: its outputs feed the next layer
             states = [(_hidden(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
+
+
+@dataclass
+class InputStatistics:
+    """What a compression method needs to know about the inputs ``X [n_tokens, in]`` of a linear layer."""
+
+    gram: torch.Tensor  # float32 [in, in]: X^T X, summed over tokens
+    mean_abs: torch.Tensor  # float32 [in]: mean |x| per input channel
+    absmax: torch.Tensor  # float32 [in]: max |x| per input channel
+    n_tokens: int
+
+    @classmethod
+    def from_inputs(cls, x: torch.Tensor) -> "InputStatistics":
+        """Statistics of ``x: [n_tokens, in_features]``."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] == 0:
+            raise ValueError("x must be a non-empty [n_tokens, in_features] tensor of layer inputs")
+        x = x.float()
+        return cls(x.T @ x, x.abs().mean(dim=0), x.abs().amax(dim=0), x.shape[0])
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """:math:`H = 2 X^\\top X / n`, the Hessian of the layer-wise squared error (GPTQ)."""
+        return (2.0 / self.n_tokens) * self.gram
+
+    def output_error(self, delta_weight: torch.Tensor) -> float:
+        """:math:`\\lVert \\Delta W X \\rVert_F^2 = \\mathrm{tr}(\\Delta W\\, X^\\top X\\, \\Delta W^\\top)` for a
+        weight change ``delta_weight [out, in]``, summed over the calibration tokens."""
+        delta = delta_weight.float()
+        return ((delta @ self.gram) * delta).sum().item()
+
+
+def layer_statistics(capture: LayerCapture) -> dict[str, InputStatistics]:
+    """:class:`InputStatistics` of every linear layer of a captured decoder layer; layers that read the
+    same tensor (q, k, v; gate, up) share one object."""
+    stats: dict[str, InputStatistics] = {}
+    for name, x in capture.inputs.items():
+        shared = next((other for other in stats if torch.equal(capture.inputs[other], x)), None)
+        stats[name] = stats[shared] if shared is not None else InputStatistics.from_inputs(x)
+    return stats
+
+
+def input_statistics(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8,
+                     skip: tuple[str, ...] = ()) -> dict[str, InputStatistics]:
+    """:class:`InputStatistics` of every linear layer of the decoder layers, by full module name
+    (``"model.layers.3.mlp.down_proj"``), from one pass over the unmodified ``model``."""
+    stats = {}
+    for capture in layerwise(model, blocks, batch_size, skip):
+        stats.update({f"model.layers.{capture.index}.{name}": s for name, s in layer_statistics(capture).items()})
+    return stats
+
+
+def statistics_by_layer(model: torch.nn.Module, blocks: torch.Tensor | None = None,
+                        statistics: dict[str, InputStatistics] | None = None, batch_size: int = 8,
+                        ) -> Iterator[tuple[int, torch.nn.Module, dict[str, torch.nn.Linear], dict[str, InputStatistics]]]:
+    """Yield ``(index, layer, linears, stats)`` for every decoder layer, names relative to the layer.
+
+    With ``blocks``: sequential, as in :func:`layerwise` — each layer's statistics come from the outputs
+    of the layers before it *as the caller left them* (compressed). With ``statistics`` (from
+    :func:`input_statistics`): every layer's statistics as captured on the uncompressed model, so that
+    several settings can share one capture; no forward pass runs. Exactly one of the two must be given.
+    """
+    if (blocks is None) == (statistics is None):
+        raise ValueError("pass exactly one of blocks (calibrate layer by layer) and statistics (captured once)")
+    if blocks is not None:
+        for capture in layerwise(model, blocks, batch_size):
+            yield capture.index, capture.layer, capture.linears, layer_statistics(capture)
+        return
+    layers = decoder_layers(model)
+    missing = [f"model.layers.{i}.{name}" for i, layer in enumerate(layers) for name, m in layer.named_modules()
+               if isinstance(m, torch.nn.Linear) and f"model.layers.{i}.{name}" not in statistics]
+    if missing:
+        raise ValueError(f"statistics has no entry for {missing[0]} (and {len(missing) - 1} more layers)")
+    for i, layer in enumerate(progress(layers, desc="layers", total=len(layers))):
+        linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        yield i, layer, linears, {name: statistics[f"model.layers.{i}.{name}"] for name in linears}
 
 
 def _hidden(output: Any) -> torch.Tensor:

@@ -83,3 +83,39 @@ def test_layerwise_on_smollm2_matches_the_full_model(smollm2):
                 torch.testing.assert_close(x, reference[(capture.index, name)], rtol=1e-4, atol=1e-4)
         last = capture.index
     assert last == 29
+
+
+def test_input_statistics_hold_what_methods_need():
+    x = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    stats = calibration.InputStatistics.from_inputs(x)
+    torch.testing.assert_close(stats.hessian.double(), 2 * x.double().T @ x.double() / 50, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.mean_abs, x.abs().mean(dim=0))
+    assert torch.equal(stats.absmax, x.abs().amax(dim=0))
+    delta = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    assert stats.output_error(delta) == pytest.approx((x @ delta.T).pow(2).sum().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="non-empty"):
+        calibration.InputStatistics.from_inputs(torch.empty(0, 8))
+
+
+def test_input_statistics_of_a_model_share_objects_for_shared_inputs(tiny_llama):
+    blocks = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    stats = calibration.input_statistics(tiny_llama, blocks)
+    assert len(stats) == 2 * 7 and all(s.n_tokens == 24 for s in stats.values())
+    layer = "model.layers.1."
+    assert stats[layer + "self_attn.q_proj"] is stats[layer + "self_attn.v_proj"]
+    assert stats[layer + "mlp.gate_proj"] is stats[layer + "mlp.up_proj"]
+    assert stats[layer + "mlp.gate_proj"] is not stats[layer + "self_attn.q_proj"]
+    captured = list(calibration.statistics_by_layer(tiny_llama, statistics=stats))
+    assert [c[0] for c in captured] == [0, 1] and captured[1][3]["mlp.down_proj"] is stats[layer + "mlp.down_proj"]
+
+
+def test_statistics_by_layer_needs_exactly_one_source(tiny_llama):
+    blocks = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="exactly one"):
+        next(calibration.statistics_by_layer(tiny_llama))
+    stats = calibration.input_statistics(tiny_llama, blocks)
+    with pytest.raises(ValueError, match="exactly one"):
+        next(calibration.statistics_by_layer(tiny_llama, blocks, stats))
+    del stats["model.layers.1.mlp.down_proj"]
+    with pytest.raises(ValueError, match="no entry for model.layers.1.mlp.down_proj"):
+        next(calibration.statistics_by_layer(tiny_llama, statistics=stats))

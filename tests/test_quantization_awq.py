@@ -17,6 +17,10 @@ def _inputs_with_salient_channels(n_tokens=256, n_in=64, seed=0):
     return x
 
 
+def _stats(x):
+    return calibration.InputStatistics.from_inputs(x)
+
+
 def _error(weight, quantized, x):
     return ((x @ weight.T - x @ quantized.T) ** 2).sum().item()
 
@@ -24,7 +28,7 @@ def _error(weight, quantized, x):
 def test_alpha_zero_is_round_to_nearest():
     x = _inputs_with_salient_channels()
     weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
-    _, _, errors = awq.search_scales([weight], x, bits=3, group_size=16)
+    _, _, errors = awq.search_scales([weight], _stats(x), bits=3, group_size=16)
     rtn = uniform.fake_quantize(weight, 3, False, "group", 16, uniform.WEIGHT_SCALE_DTYPE)
     assert errors[0] == pytest.approx(_error(weight, rtn, x), rel=1e-5)
 
@@ -33,7 +37,7 @@ def test_alpha_zero_is_round_to_nearest():
 def test_search_beats_rtn_with_salient_channels(bits, group_size):
     x = _inputs_with_salient_channels()
     weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
-    scales, alpha, errors = awq.search_scales([weight], x, bits=bits, group_size=group_size)
+    scales, alpha, errors = awq.search_scales([weight], _stats(x), bits=bits, group_size=group_size)
     assert alpha > 0 and min(errors) < errors[0]
     assert scales[:3].min() > scales[3:].max()  # the salient channels get the largest scales
     quantized, _ = awq._quantize_scaled(weight, scales, bits, False, group_size)
@@ -41,23 +45,41 @@ def test_search_beats_rtn_with_salient_channels(bits, group_size):
 
 
 def test_search_validates():
-    x = torch.randn(8, 16)
+    stats = _stats(torch.randn(8, 16))
     with pytest.raises(ValueError, match="in_features = 16"):
-        awq.search_scales([torch.randn(4, 8)], x, bits=4, group_size=None)
+        awq.search_scales([torch.randn(4, 8)], stats, bits=4, group_size=None)
     with pytest.raises(ValueError, match="non-empty list"):
-        awq.search_scales([], x, bits=4)
+        awq.search_scales([], stats, bits=4)
     with pytest.raises(ValueError, match="n_grid"):
-        awq.search_scales([torch.randn(4, 16)], x, bits=4, group_size=None, n_grid=0)
-    with pytest.raises(ValueError, match="non-empty"):
-        awq.search_scales([torch.randn(4, 16)], torch.empty(0, 16), bits=4)
+        awq.search_scales([torch.randn(4, 16)], stats, bits=4, group_size=None, n_grid=0)
+    with pytest.raises(TypeError, match="InputStatistics"):
+        awq.search_scales([torch.randn(4, 16)], torch.randn(8, 16), bits=4)
+
+
+def test_statistics_captured_once_give_the_same_first_layer():
+    """Sequential calibration and statistics captured once agree on the first decoder layer (its
+    inputs do not depend on earlier quantized layers) and differ later."""
+    from conftest import make_tiny_llama
+
+    blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    sequential, captured = make_tiny_llama(), make_tiny_llama()
+    statistics = calibration.input_statistics(captured, blocks)
+    a, b = {}, {}
+    awq.quantize_model_awq(sequential, blocks, bits=3, group_size=16, alphas=a)
+    awq.quantize_model_awq(captured, None, bits=3, group_size=16, statistics=statistics, alphas=b)
+    first = lambda alphas: {k: v for k, v in alphas.items() if k.startswith("model.layers.0.")}  # noqa: E731
+    assert first(a) == first(b) and len(first(a)) == 4
+    assert torch.equal(sequential.model.layers[0].self_attn.q_proj.weight, captured.model.layers[0].self_attn.q_proj.weight)
+    assert not torch.equal(sequential.model.layers[1].mlp.down_proj.weight, captured.model.layers[1].mlp.down_proj.weight)
 
 
 def test_model_awq_shares_scales_among_layers_reading_one_input(tiny_llama):
     blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     before = {n: p.clone() for n, p in tiny_llama.named_parameters()}
-    alphas = awq.quantize_model_awq(tiny_llama, blocks, bits=3, group_size=16)
+    alphas = {}
+    assert awq.quantize_model_awq(tiny_llama, blocks, bits=3, group_size=16, alphas=alphas) is tiny_llama
     # per decoder layer: {q,k,v}, o, {gate,up}, down
-    assert sorted(alphas) == sorted(f"layers.{i}.{n}" for i in range(2)
+    assert sorted(alphas) == sorted(f"model.layers.{i}.{n}" for i in range(2)
                                     for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"))
     changed = {n for n, p in tiny_llama.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {n for n in before if n.endswith("proj.weight")}
@@ -68,12 +90,34 @@ def test_model_awq_packs_what_it_simulates():
 
     blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     simulated, stored = make_tiny_llama(), make_tiny_llama()
-    assert awq.quantize_model_awq(simulated, blocks, bits=3, group_size=16) == \
-        awq.quantize_model_awq(stored, blocks, bits=3, group_size=16, pack=True)
+    a, b = {}, {}
+    awq.quantize_model_awq(simulated, blocks, bits=3, group_size=16, alphas=a)
+    awq.quantize_model_awq(stored, blocks, bits=3, group_size=16, pack=True, alphas=b)
+    assert a == b
     layers = [m for m in stored.modules() if isinstance(m, packed.QuantizedLinear)]
     assert len(layers) == 2 * 7 and all(m.input_scale is not None for m in layers)
     with torch.no_grad():
         torch.testing.assert_close(stored(blocks).logits, simulated(blocks).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_half_precision_models_pack_and_nan_fails_first(method):
+    from conftest import make_tiny_llama
+
+    from refimpl.quantization import gptq
+
+    blocks = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    quantize = {"awq": awq.quantize_model_awq, "gptq": gptq.quantize_model_gptq}[method]
+    model = make_tiny_llama().to(torch.bfloat16)
+    quantize(model, blocks, bits=4, group_size=16, pack=True)
+    assert sum(isinstance(m, packed.QuantizedLinear) for m in model.modules()) == 2 * 7
+    model = make_tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj holds NaN"):
+        quantize(model, blocks, bits=4, group_size=16)
+    assert all(torch.equal(a, b) or a.isnan().any() for a, b in zip(before, model.parameters()))
 
 
 def test_model_awq_checks_before_changing(tiny_llama):
@@ -96,7 +140,7 @@ def test_awq_beats_rtn_on_smollm2_activations(smollm2):
         if capture.index not in (0, 29):
             continue
         for name in ("self_attn.o_proj", "mlp.down_proj"):
-            _, _, errors = awq.search_scales([capture.linears[name].weight], capture.inputs[name], bits=3,
+            _, _, errors = awq.search_scales([capture.linears[name].weight], _stats(capture.inputs[name]), bits=3,
                                              group_size=64, n_grid=10)
             gains.append(errors[0] / min(errors))
     assert max(gains) > 1.0

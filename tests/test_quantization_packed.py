@@ -86,6 +86,15 @@ def test_pack_model_swaps_linears_and_shrinks_the_model(tiny_llama):
         assert torch.equal(tiny_llama(x).logits, simulated(x).logits)
 
 
+@pytest.mark.parametrize("bits, granularity, group_size, skip", [
+    (4, "group", 32, ("lm_head",)), (3, "channel", None, ("lm_head",)), (8, "tensor", None, ("lm_head",)),
+    (4, "group", 32, ()),  # the tied output layer too: its storage stays with the embedding
+])
+def test_packed_size_is_what_pack_model_leaves(tiny_llama, bits, granularity, group_size, skip):
+    expected = packed.packed_size(tiny_llama, bits, False, granularity, group_size, skip)
+    assert model_bytes(packed.pack_model(tiny_llama, bits, False, granularity, group_size, skip)) == expected
+
+
 def test_pack_model_leaves_the_model_untouched_on_error():
     from conftest import make_tiny_llama
 

@@ -139,3 +139,13 @@ def test_rtn_leaves_the_model_untouched_on_error():
 def test_rtn_needs_linear_layers():
     with pytest.raises(ValueError, match="no nn.Linear"):
         uniform.quantize_model_rtn(torch.nn.Sequential(torch.nn.ReLU()), bits=4)
+
+
+def test_small_groups_keep_their_own_step_in_float16_scales():
+    """A scale below float16's smallest normal value (6.1e-5) is stored as a subnormal, not floored:
+    8-bit codes of a group with absmax 1e-3 keep a step of about 1e-3 / 127."""
+    w = torch.linspace(-1e-3, 1e-3, 64).reshape(1, 64)
+    w_hat = uniform.fake_quantize(w, 8, True, "group", 64, torch.float16)
+    assert (w_hat - w).abs().max() < 1e-5
+    assert torch.equal(uniform.fake_quantize(torch.zeros(1, 64), 4, False, "group", 64, torch.float16),
+                       torch.zeros(1, 64))

@@ -18,7 +18,13 @@ deployed model :math:`\mathrm{diag}(s)^{-1}` is folded into the operation that p
 (the preceding RMSNorm or linear layer); layers that read the same input (q, k, v; gate, up) must then
 share one :math:`s`, and :func:`quantize_model_awq` searches one scale for each such set. Here the
 folding is simulated: each weight is replaced by :math:`Q(W \mathrm{diag}(s))\,\mathrm{diag}(s)^{-1}`,
-which computes exactly what the folded model computes.
+which computes what a folded model computes. Not every scale can be folded: ``o_proj``'s would go into
+the rows of ``v_proj``, which under grouped-query attention feed several query heads at once (the
+authors skip that pair then). This implementation scales ``o_proj`` and ``down_proj`` anyway; a packed
+layer (:class:`~refimpl.quantization.packed.QuantizedLinear`) stores such a scale as its
+``input_scale``, two bytes per input feature. Calibrated layer by layer from token blocks, each layer
+sees the outputs of the already quantized layers before it (as GPTQ does; the authors search on
+full-precision outputs), and the optional clipping search of the paper is not implemented.
 """
 
 from __future__ import annotations
@@ -42,42 +48,47 @@ def _quantize_scaled(weight: torch.Tensor, scales: torch.Tensor, bits: int, symm
 
 def search_scales(
     weights: list[torch.Tensor],
-    x: torch.Tensor,
+    stats: calibration.InputStatistics,
     bits: int,
     symmetric: bool = False,
     group_size: int | None = 64,
     n_grid: int = 20,
 ) -> tuple[torch.Tensor, float, list[float]]:
-    """Grid-search :math:`\\alpha` for linear layers that share the input ``x [n_tokens, in]``.
+    """Grid-search :math:`\\alpha` for linear layers that share one input.
 
     Args:
-        weights: the ``[out_i, in]`` weights of the layers reading ``x`` (one shared scale).
-        x: their calibration inputs.
+        weights: the ``[out_i, in]`` weights of the layers reading that input (one shared scale).
+        stats: statistics of their calibration inputs ``X``
+            (:class:`~refimpl.calibration.InputStatistics`): :math:`s_X` is its ``mean_abs``, and the
+            output error :math:`\\lVert \\hat W X - W X \\rVert^2` is computed from its Gram matrix.
         bits, symmetric, group_size: the uniform grid (``group_size=None``: per output channel).
         n_grid: :math:`\\alpha` takes the values ``0, 1/n_grid, ..., (n_grid-1)/n_grid``.
 
     Returns:
-        ``(scales [in], best_alpha, errors)``: the scales, the chosen exponent, and the summed output
-        error :math:`\\lVert \\hat W X - W X \\rVert^2` for every :math:`\\alpha` of the grid.
+        ``(scales [in], best_alpha, errors)``: the scales (float16-representable), the chosen
+        exponent, and the summed output error for every :math:`\\alpha` of the grid.
     """
+    if not isinstance(stats, calibration.InputStatistics):
+        raise TypeError(f"stats must be calibration.InputStatistics, got {type(stats).__name__}")
+    n_in = stats.mean_abs.numel()
     if not weights or not all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in weights):
         raise ValueError("weights must be a non-empty list of 2-D weights [out, in]")
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] == 0:
-        raise ValueError("x must be a non-empty [n_tokens, in_features] tensor of layer inputs")
-    if any(w.shape[1] != x.shape[1] for w in weights):
-        raise ValueError(f"every weight must have in_features = {x.shape[1]} (the width of x)")
+    if any(w.shape[1] != n_in for w in weights):
+        raise ValueError(f"every weight must have in_features = {n_in} (the width of the inputs in stats)")
     check_positive_int("n_grid", n_grid)
-    x = x.float()
-    activation_scale = x.abs().mean(dim=0).clamp_min(1e-8)  # s_X: mean |x| per input channel, [in]
-    references = [x @ w.detach().float().T for w in weights]  # W X for each layer
+    activation_scale = stats.mean_abs.clamp_min(1e-8)  # s_X: mean |x| per input channel, [in]
+    gram = stats.gram  # X^T X [in, in]
+    weights = [w.detach().float() for w in weights]
     errors, best = [], (float("inf"), 0.0, torch.ones_like(activation_scale))
     for step in range(n_grid):
         alpha = step / n_grid
         scales = activation_scale.pow(alpha)
         scales = scales / (scales.max() * scales.min()).sqrt()  # centre the scales around 1
         scales = scales.to(uniform.WEIGHT_SCALE_DTYPE).float()  # as a packed layer stores them
-        error = sum(((x @ _quantize_scaled(w.detach().float(), scales, bits, symmetric, group_size)[0].T - ref) ** 2)
-                    .sum().item() for w, ref in zip(weights, references))
+        error = 0.0
+        for w in weights:
+            delta = _quantize_scaled(w, scales, bits, symmetric, group_size)[0] - w  # [out, in]
+            error += ((delta @ gram) * delta).sum().item()  # tr(dW X^T X dW^T) = ||dW X||^2
         errors.append(error)
         if error < best[0]:
             best = (error, alpha, scales)
@@ -87,45 +98,50 @@ def search_scales(
 @torch.no_grad()
 def quantize_model_awq(
     model: torch.nn.Module,
-    blocks: torch.Tensor,
+    blocks: torch.Tensor | None,
     bits: int,
     symmetric: bool = False,
     group_size: int | None = 64,
     n_grid: int = 20,
     batch_size: int = 8,
     pack: bool = False,
-) -> dict[str, float]:
-    """AWQ every linear layer of the decoder layers, in place, one decoder layer at a time on the
-    calibration token ``blocks``; layers that read the same input share one scale. The output layer
-    is left alone. Simulated (weights hold :math:`Q(W\\mathrm{diag}(s))\\mathrm{diag}(s)^{-1}`), or
-    with ``pack=True`` every layer replaced by a :class:`~refimpl.quantization.packed.QuantizedLinear`
-    storing the codes of :math:`Q(W\\mathrm{diag}(s))` and :math:`s` as its ``input_scale``.
+    statistics: dict[str, calibration.InputStatistics] | None = None,
+    alphas: dict[str, float] | None = None,
+) -> torch.nn.Module:
+    """AWQ every linear layer of the decoder layers, in place; layers that read the same input share
+    one scale. The output layer is left alone. Calibration as in
+    :func:`refimpl.quantization.gptq.quantize_model_gptq`: layer by layer from token ``blocks``, or
+    from ``statistics`` captured once (``blocks=None``).
+
+    Simulated (weights hold :math:`Q(W\\mathrm{diag}(s))\\mathrm{diag}(s)^{-1}`), or with ``pack=True``
+    every layer replaced by a :class:`~refimpl.quantization.packed.QuantizedLinear` storing the codes
+    of :math:`Q(W\\mathrm{diag}(s))` and :math:`s` as its ``input_scale``.
+
+    Args:
+        alphas: if a dict is given, it receives the chosen :math:`\\alpha` of every set of layers that
+            share a scale, by the full name of its first layer (``"model.layers.3.self_attn.q_proj"``).
 
     Returns:
-        The chosen :math:`\\alpha` of every set of layers, by the name of its first layer.
+        ``model``, modified in place.
     """
     uniform.check_model_grid(model, bits, group_size)  # fail before changing anything
-    alphas = {}
-    for capture in calibration.layerwise(model, blocks, batch_size):
-        # Layers that read the same tensor (q, k, v; gate, up) form one set with one shared scale.
-        sets: list[list[str]] = []
-        for name in capture.linears:
-            for members in sets:
-                if torch.equal(capture.inputs[members[0]], capture.inputs[name]):
-                    members.append(name)
-                    break
-            else:
-                sets.append([name])
-        for members in sets:
-            linears = [capture.linears[n] for n in members]
-            scales, alpha, _ = search_scales([m.weight for m in linears], capture.inputs[members[0]], bits,
+    granularity = "channel" if group_size is None else "group"
+    for index, layer, linears, stats in calibration.statistics_by_layer(model, blocks, statistics, batch_size):
+        # Layers that read the same tensor (q, k, v; gate, up) share one statistics object and one scale.
+        sets: dict[int, list[str]] = {}
+        for name in linears:
+            sets.setdefault(id(stats[name]), []).append(name)
+        for members in sets.values():
+            scales, alpha, _ = search_scales([linears[n].weight for n in members], stats[members[0]], bits,
                                              symmetric, group_size, n_grid)
-            for name, linear in zip(members, linears):
+            for name in members:
+                linear = linears[name]
                 quantized, grid = _quantize_scaled(linear.weight.float(), scales, bits, symmetric, group_size)
                 linear.weight.copy_(quantized.to(linear.weight.dtype))
                 if pack:
-                    packed.swap_linears(capture.layer, {name: packed.QuantizedLinear.from_linear(
-                        linear, bits, symmetric, "channel" if group_size is None else "group", group_size,
-                        qparams=grid, input_scale=scales)})
-            alphas[f"layers.{capture.index}.{members[0]}"] = alpha
-    return alphas
+                    packed.swap_linears(layer, {name: packed.QuantizedLinear.from_linear(
+                        linear, bits, symmetric, granularity, group_size, qparams=grid, input_scale=scales,
+                        weight=quantized)})
+            if alphas is not None:
+                alphas[f"model.layers.{index}.{members[0]}"] = alpha
+    return model

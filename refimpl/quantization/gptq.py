@@ -36,17 +36,9 @@ from refimpl.quantization import packed, uniform
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
-    """:math:`H = 2 X X^\\top / n` from layer inputs ``x: [n_tokens, in_features]`` (float64 sums);
+    """:math:`H = 2 X X^\\top / n` from layer inputs ``x: [n_tokens, in_features]``;
     the average over tokens keeps the scale independent of the calibration set's size."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] == 0:
-        raise ValueError("x must be a non-empty [n_tokens, in_features] tensor of layer inputs")
-    x64 = x.double()
-    return (2.0 / x.shape[0]) * (x64.T @ x64)  # [in, in]
-
-
-def _quantize_columns(w: torch.Tensor, qparams: uniform.QParams) -> torch.Tensor:
-    """Round-to-nearest of columns ``w: [out, k]`` with per-row parameters ``qparams`` ([out, 1])."""
-    return uniform.dequantize(uniform.quantize(w, qparams), qparams, w.shape)
+    return calibration.InputStatistics.from_inputs(x).hessian  # [in, in]
 
 
 @torch.no_grad()
@@ -92,19 +84,20 @@ def gptq_quantize(
     if not 0 <= damp < 1:
         raise ValueError(f"damp must be in [0, 1), got {damp!r}")
 
-    W = weight.detach().double().clone()  # [out, in]
-    H = hessian_matrix.detach().double().clone()  # [in, in]
+    # float32 throughout, as in the paper's implementation; dampening keeps the Cholesky factor stable.
+    W = weight.detach().float().clone()  # [out, in]
+    H = hessian_matrix.detach().float().clone()  # [in, in]
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights cannot matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
-        perm = torch.arange(n_in)
+        perm = torch.arange(n_in, device=W.device)
     inverse_perm = torch.argsort(perm)
 
     def params_for(columns: torch.Tensor) -> uniform.QParams:  # one scale per row of these columns
-        return uniform.compute_qparams(columns.float(), bits, symmetric, "channel", None, uniform.WEIGHT_SCALE_DTYPE)
+        return uniform.compute_qparams(columns, bits, symmetric, "channel", None, uniform.WEIGHT_SCALE_DTYPE)
 
     # Grid parameters: per channel from the whole original weight; per group either from the original
     # weight (act-order: static groups) or later, from the updated weight, when the loop reaches them.
@@ -116,7 +109,7 @@ def gptq_quantize(
         fixed = {}
 
     W, H = W[:, perm], H[perm][:, perm]  # columns in the order they are quantized
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(n_in, dtype=H.dtype)  # Step 3: dampening
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(n_in, dtype=H.dtype, device=H.device)  # Step 3: dampening
     # Upper Cholesky factor U of H^-1 (H^-1 = U^T U): row q of U holds the update coefficients.
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
@@ -124,7 +117,7 @@ def gptq_quantize(
     qparams = fixed.get(0)
     for start in range(0, n_in, block_size):  # lazy batch updates (Alg. 1)
         end = min(start + block_size, n_in)
-        errors = torch.zeros(W.shape[0], end - start, dtype=W.dtype)  # [out, B]
+        errors = torch.zeros(W.shape[0], end - start, dtype=W.dtype, device=W.device)  # [out, B]
         for i in range(start, end):
             column = int(perm[i])  # the column's index in the original weight
             if group_size is not None:
@@ -133,7 +126,7 @@ def gptq_quantize(
                     qparams = fixed[group]
                 elif column % group_size == 0:  # entering a new group: scale from the updated weights
                     qparams = fixed[group] = params_for(W[:, i : i + group_size])
-            q = _quantize_columns(W[:, i : i + 1].float(), qparams).double()[:, 0]  # [out]
+            q = uniform.round_to_grid(W[:, i : i + 1], qparams)[:, 0]  # [out], round to nearest on the grid
             Q[:, i] = q
             error = (W[:, i] - q) / U[i, i]  # [out]
             W[:, i + 1 : end] -= error[:, None] * U[i, i + 1 : end][None, :]  # within the block, now
@@ -151,7 +144,7 @@ def gptq_quantize(
 @torch.no_grad()
 def quantize_model_gptq(
     model: torch.nn.Module,
-    blocks: torch.Tensor,
+    blocks: torch.Tensor | None,
     bits: int,
     symmetric: bool = False,
     group_size: int | None = 64,
@@ -160,24 +153,38 @@ def quantize_model_gptq(
     act_order: bool = False,
     batch_size: int = 8,
     pack: bool = False,
+    statistics: dict[str, calibration.InputStatistics] | None = None,
+    errors: dict[str, tuple[float, float]] | None = None,
 ) -> torch.nn.Module:
-    """GPTQ every linear layer of the decoder layers, in place, one decoder layer at a time on the
-    calibration token ``blocks`` (:func:`refimpl.calibration.layerwise`: each layer is calibrated on
-    the outputs of the already quantized layers before it). The output layer is left alone.
+    """GPTQ every linear layer of the decoder layers, in place; the output layer is left alone.
+
+    Calibration (:func:`refimpl.calibration.statistics_by_layer`): from token ``blocks``, one decoder
+    layer at a time, each layer calibrated on the outputs of the already quantized layers before it
+    (as in the paper); or, with ``blocks=None``, from ``statistics`` captured once on the float model
+    (:func:`refimpl.calibration.input_statistics`), which lets a sweep reuse one capture.
+
+    Args:
+        pack: replace every layer by a :class:`~refimpl.quantization.packed.QuantizedLinear` holding
+            GPTQ's codes and grid (the same values, really stored in ``bits`` bits).
+        errors: if a dict is given, it receives for every layer (full name) the output error
+            :math:`\\lVert \\Delta W X \\rVert^2` on its calibration inputs of round-to-nearest and of GPTQ.
 
     Returns:
-        ``model``, modified in place: simulated quantization (weights hold the dequantized values),
-        or with ``pack=True`` every layer replaced by a :class:`~refimpl.quantization.packed.QuantizedLinear`
-        holding GPTQ's codes and grid (the same values, really stored in ``bits`` bits).
+        ``model``, modified in place (simulated quantization unless ``pack``).
     """
     uniform.check_model_grid(model, bits, group_size)  # fail before changing anything
     granularity = "channel" if group_size is None else "group"
-    for capture in calibration.layerwise(model, blocks, batch_size):
-        for name, linear in capture.linears.items():
-            quantized, grid = gptq_quantize(linear.weight, hessian(capture.inputs[name]), bits, symmetric,
-                                            group_size, block_size, damp, act_order)
+    for index, layer, linears, stats in calibration.statistics_by_layer(model, blocks, statistics, batch_size):
+        for name, linear in linears.items():
+            original = linear.weight.detach().float().clone()
+            quantized, grid = gptq_quantize(original, stats[name].hessian, bits, symmetric, group_size,
+                                            block_size, damp, act_order)
+            if errors is not None:
+                rtn = uniform.fake_quantize(original, bits, symmetric, granularity, group_size, uniform.WEIGHT_SCALE_DTYPE)
+                errors[f"model.layers.{index}.{name}"] = (
+                    stats[name].output_error(rtn - original), stats[name].output_error(quantized - original))
             linear.weight.copy_(quantized.to(linear.weight.dtype))
             if pack:
-                packed.swap_linears(capture.layer, {name: packed.QuantizedLinear.from_linear(
-                    linear, bits, symmetric, granularity, group_size, qparams=grid)})
+                packed.swap_linears(layer, {name: packed.QuantizedLinear.from_linear(
+                    linear, bits, symmetric, granularity, group_size, qparams=grid, weight=quantized)})
     return model

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from refimpl import calibration
-from refimpl.quantization import uniform
+from refimpl.quantization import packed, uniform
 
 OUTLIER_THRESHOLD = 6.0  # alpha, §3.2
 
@@ -182,10 +182,7 @@ def quantize_model_int8(model: torch.nn.Module, threshold: float = OUTLIER_THRES
             replacements[name] = Int8Linear.from_linear(linear, threshold)
         except ValueError as exc:
             raise ValueError(f"layer {name}: {exc}") from None
-    for name, module in replacements.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-    return model
+    return packed.swap_linears(model, replacements)
 
 
 @dataclass(frozen=True)

@@ -100,21 +100,28 @@ class QuantizedLinear(torch.nn.Module):
     @torch.no_grad()
     def from_linear(cls, linear: torch.nn.Linear, bits: int, symmetric: bool = False, granularity: str = "group",
                     group_size: int | None = 64, qparams: uniform.QParams | None = None,
-                    input_scale: torch.Tensor | None = None) -> "QuantizedLinear":
+                    input_scale: torch.Tensor | None = None, weight: torch.Tensor | None = None
+                    ) -> "QuantizedLinear":
         r"""Quantize ``linear``'s weight into a new packed module; ``linear`` is unchanged.
 
         Without ``qparams`` the weight is rounded to nearest. With ``qparams`` (the grid a method such
         as GPTQ chose) the weight must already lie on that grid — it holds dequantized values — and
         its codes are read off exactly; a weight off the grid raises ``ValueError``. With
         ``input_scale`` :math:`s` the weight is taken to be :math:`\hat W\,\mathrm{diag}(s)^{-1}`
-        (AWQ's simulated form) and :math:`\hat W` is what is packed.
+        (AWQ's simulated form) and :math:`\hat W` is what is packed. ``weight`` replaces
+        ``linear.weight`` as the values to pack (a method's float32 result, when the model computes in
+        a lower precision that would move the values off the grid).
         """
         if not isinstance(linear, torch.nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         uniform.check_bits(bits)
         if granularity == "token":
             raise ValueError("granularity must be 'tensor', 'channel' or 'group' for weights, got 'token'")
-        weight = linear.weight.detach().float()  # [out, in]
+        if weight is None:
+            weight = linear.weight
+        if not isinstance(weight, torch.Tensor) or weight.shape != linear.weight.shape:
+            raise ValueError(f"weight must be a tensor of shape {tuple(linear.weight.shape)}")
+        weight = weight.detach().float()  # [out, in]
         if input_scale is not None:
             if not isinstance(input_scale, torch.Tensor) or input_scale.shape != (linear.in_features,):
                 raise ValueError(f"input_scale must be a tensor of shape [{linear.in_features}]")
@@ -134,8 +141,8 @@ class QuantizedLinear(torch.nn.Module):
                 raise ValueError("qparams.scale must be representable in float16, the dtype stored")
         codes = uniform.quantize(weight, qparams)
         if given_qparams:
-            off_grid = (uniform.dequantize(codes, qparams, weight.shape) - weight).abs()
-            if (off_grid > 1e-3 * qparams.scale.max()).any():
+            off_grid = (uniform.dequantize(codes, qparams, weight.shape) - weight).abs().reshape(codes.shape)
+            if (off_grid > 1e-3 * qparams.scale).any():  # a thousandth of the group's own step
                 raise ValueError(f"the weight is not on the grid of qparams (off by up to {off_grid.max():.3g})")
         module = cls(linear.in_features, linear.out_features, bits, symmetric, granularity, group_size,
                      bias=linear.bias is not None, input_scale=input_scale is not None).to(weight.device)
@@ -274,6 +281,34 @@ def pack_model(model: torch.nn.Module, bits: int, symmetric: bool = False, granu
     """
     return swap_linears(model, {name: QuantizedLinear.from_linear(linear, bits, symmetric, granularity, group_size)
                                 for name, linear in _linears(model, skip).items()})
+
+
+@torch.no_grad()
+def packed_size(model: torch.nn.Module, bits: int, symmetric: bool = False, granularity: str = "group",
+                group_size: int | None = 64, skip: tuple[str, ...] = ("lm_head",)) -> int:
+    """The bytes :func:`pack_model` would leave ``model`` with, measured without changing ``model``.
+
+    A packed layer's buffers depend only on its shape (and whether it has a bias), so one layer of
+    each distinct shape is packed for real and its :func:`refimpl.evaluate.model_bytes` counted once
+    per layer of that shape; the tensors that stay unquantized are counted as they are.
+    """
+    from refimpl.evaluate import model_bytes
+
+    linears = _linears(model, skip)
+    by_shape: dict[tuple[int, int, bool], list[torch.nn.Linear]] = {}
+    for linear in linears.values():
+        by_shape.setdefault((linear.in_features, linear.out_features, linear.bias is not None), []).append(linear)
+    quantized = sum(len(group) * model_bytes(QuantizedLinear.from_linear(group[0], bits, symmetric, granularity,
+                                                                         group_size))
+                    for group in by_shape.values())
+    # Storage that disappears with the replaced layers: their tensors, unless another module keeps them
+    # (a tied output layer shares its weight with the embedding).
+    replaced_ids = {id(m) for m in linears.values()}
+    kept = {t.data_ptr() for m in model.modules() if id(m) not in replaced_ids
+            for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))}
+    gone = {t.data_ptr(): t.numel() * t.element_size() for m in linears.values() for t in (m.weight, m.bias)
+            if t is not None and t.data_ptr() not in kept}
+    return model_bytes(model) - sum(gone.values()) + quantized
 
 
 @torch.no_grad()

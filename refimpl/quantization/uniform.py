@@ -135,7 +135,9 @@ def compute_qparams(
     _check_granularity(x, granularity, group_size)
     qmin, qmax = code_range(bits, symmetric)
     g = grouped(x.detach().float(), granularity, group_size)  # values sharing a scale on the last dim
-    tiny = torch.finfo(scale_dtype).tiny  # an all-zero group gets a harmless non-zero scale
+    # The smallest positive (subnormal) value of scale_dtype: only all-zero groups fall back on it, so
+    # groups of small values keep the scale their range asks for.
+    tiny = torch.nextafter(torch.zeros((), dtype=scale_dtype), torch.ones((), dtype=scale_dtype)).item()
     if symmetric:
         absmax = g.abs().amax(dim=-1, keepdim=True)
         scale = (absmax / qmax).clamp_min(tiny).to(scale_dtype).float()
@@ -171,6 +173,13 @@ def dequantize(codes: torch.Tensor, qparams: QParams, shape: torch.Size | tuple[
     return values.reshape(shape)
 
 
+def round_to_grid(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
+    """``dequantize(quantize(x, qparams))`` for ``x`` already in the grouped shape of ``qparams``,
+    without input validation: the inner loop of methods that round one column at a time (GPTQ)."""
+    codes = (torch.round(x / qparams.scale) + qparams.zero_point).clamp(qparams.qmin, qparams.qmax)
+    return qparams.scale * (codes - qparams.zero_point)
+
+
 def fake_quantize(
     x: torch.Tensor,
     bits: int,
@@ -197,12 +206,14 @@ def quantizable_linears(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_hea
 
 def check_model_grid(model: torch.nn.Module, bits: int, group_size: int | None,
                      skip: tuple[str, ...] = ("lm_head",)) -> None:
-    """Check ``bits`` and that ``group_size`` divides the inputs of every linear layer to be quantized,
-    so that a method can fail before it changes the first layer."""
+    """Check ``bits``, that ``group_size`` divides the inputs of every linear layer to be quantized and
+    that their weights are finite, so that a method can fail before it changes the first layer."""
     check_bits(bits)
     for name, linear in quantizable_linears(model, skip).items():
         if group_size is not None and linear.in_features % group_size:
             raise ValueError(f"group_size {group_size} must divide in_features of {name} ({linear.in_features})")
+        if not torch.isfinite(linear.weight).all():
+            raise ValueError(f"the weight of {name} holds NaN or Inf values")
 
 
 @torch.no_grad()

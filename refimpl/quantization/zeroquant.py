@@ -96,6 +96,7 @@ def layerwise_distill(model_fp: nn.Module, model_q: nn.Module, blocks: torch.Ten
     if len(layers_fp) != len(layers_q):
         raise TypeError(f"model_fp has {len(layers_fp)} decoder layers, model_q {len(layers_q)}")
     pairs = [_paired_linears(f, q) for f, q in zip(layers_fp, layers_q)]  # check all layers first
+    calibration.check_blocks(blocks, batch_size)
     states = calibration._first_layer_inputs(model_fp, blocks, batch_size)  # [(hidden [b, t, d], kwargs)]
     losses = []
     for fp_layer, q_layer, layer_pairs in zip(layers_fp, layers_q, pairs):
