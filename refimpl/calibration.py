@@ -44,12 +44,14 @@ from refimpl.runtime import progress
 class LayerCapture:
     """One decoder layer during calibration: its index, the module, its linear layers by name
     (relative to the layer, e.g. ``"self_attn.q_proj"``) and the inputs each received,
-    ``inputs[name]: float32[n_tokens, in_features]`` over all calibration tokens."""
+    ``inputs[name]: float32[n_tokens, in_features]`` over all calibration tokens, block after block
+    (token ``t`` of block ``b`` in row ``b * seq_len + t``)."""
 
     index: int
     layer: torch.nn.Module
     linears: dict[str, torch.nn.Linear]
     inputs: dict[str, torch.Tensor]
+    seq_len: int
 
 
 class _StopForward(Exception):
@@ -132,7 +134,8 @@ def layerwise(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8,
         finally:
             for handle in handles:
                 handle.remove()
-        yield LayerCapture(index, layer, linears, {name: torch.cat(xs) for name, xs in inputs.items()})
+        yield LayerCapture(index, layer, linears, {name: torch.cat(xs) for name, xs in inputs.items()},
+                           blocks.shape[1])
         with torch.no_grad():  # the layer may have changed: its outputs feed the next layer
             states = [(_hidden(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
 
@@ -145,19 +148,34 @@ class InputStatistics:
     mean_abs: torch.Tensor  # float32 [in]: mean |x| per input channel
     absmax: torch.Tensor  # float32 [in]: max |x| per input channel
     n_tokens: int
+    first_gram: torch.Tensor  # float32 [in, in]: the part of X^T X from the first token of every block
 
     @classmethod
-    def from_inputs(cls, x: torch.Tensor) -> "InputStatistics":
-        """Statistics of ``x: [n_tokens, in_features]``."""
+    def from_inputs(cls, x: torch.Tensor, seq_len: int | None = None) -> "InputStatistics":
+        """Statistics of ``x: [n_tokens, in_features]``, made of blocks of ``seq_len`` tokens (``None``:
+        one block)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] == 0:
             raise ValueError("x must be a non-empty [n_tokens, in_features] tensor of layer inputs")
+        seq_len = x.shape[0] if seq_len is None else seq_len
+        check_positive_int("seq_len", seq_len)
+        if x.shape[0] % seq_len:
+            raise ValueError(f"seq_len {seq_len} must divide the number of tokens ({x.shape[0]})")
         x = x.float()
-        return cls(x.T @ x, x.abs().mean(dim=0), x.abs().amax(dim=0), x.shape[0])
+        first = x[::seq_len]  # [n_blocks, in]: the first token of every block
+        return cls(x.T @ x, x.abs().mean(dim=0), x.abs().amax(dim=0), x.shape[0], first.T @ first)
 
-    @property
-    def hessian(self) -> torch.Tensor:
-        """:math:`H = 2 X^\\top X / n`, the Hessian of the layer-wise squared error (GPTQ)."""
-        return (2.0 / self.n_tokens) * self.gram
+    def hessian(self, first_token_weight: float = 1.0) -> torch.Tensor:
+        """:math:`H = 2 X^\\top D X / n`, the Hessian of the layer-wise squared error (GPTQ), with the
+        tokens weighted by :math:`D`: 1 for every token, ``first_token_weight`` for the first token
+        of every block (1: the paper's uniform weighting).
+
+        The first token of a sequence is an *attention sink*: most heads put most of their attention
+        on it, so an error in its key or value reaches every later query. Weighting it like the
+        number of queries that read it tells GPTQ so; uniform weights let GPTQ trade a large error on
+        that one token for small errors on all others."""
+        if not first_token_weight >= 0:
+            raise ValueError(f"first_token_weight must be >= 0, got {first_token_weight!r}")
+        return (2.0 / self.n_tokens) * (self.gram + (first_token_weight - 1.0) * self.first_gram)
 
     def output_error(self, delta_weight: torch.Tensor) -> float:
         """:math:`\\lVert \\Delta W X \\rVert_F^2 = \\mathrm{tr}(\\Delta W\\, X^\\top X\\, \\Delta W^\\top)` for a
@@ -172,7 +190,7 @@ def layer_statistics(capture: LayerCapture) -> dict[str, InputStatistics]:
     stats: dict[str, InputStatistics] = {}
     for name, x in capture.inputs.items():
         shared = next((other for other in stats if torch.equal(capture.inputs[other], x)), None)
-        stats[name] = stats[shared] if shared is not None else InputStatistics.from_inputs(x)
+        stats[name] = stats[shared] if shared is not None else InputStatistics.from_inputs(x, capture.seq_len)
     return stats
 
 

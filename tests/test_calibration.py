@@ -88,7 +88,7 @@ def test_layerwise_on_smollm2_matches_the_full_model(smollm2):
 def test_input_statistics_hold_what_methods_need():
     x = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
     stats = calibration.InputStatistics.from_inputs(x)
-    torch.testing.assert_close(stats.hessian.double(), 2 * x.double().T @ x.double() / 50, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.hessian().double(), 2 * x.double().T @ x.double() / 50, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats.mean_abs, x.abs().mean(dim=0))
     assert torch.equal(stats.absmax, x.abs().amax(dim=0))
     delta = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
@@ -119,3 +119,17 @@ def test_statistics_by_layer_needs_exactly_one_source(tiny_llama):
     del stats["model.layers.1.mlp.down_proj"]
     with pytest.raises(ValueError, match="no entry for model.layers.1.mlp.down_proj"):
         next(calibration.statistics_by_layer(tiny_llama, statistics=stats))
+
+
+def test_first_tokens_can_be_weighted_in_the_hessian():
+    x = torch.randn(4 * 16, 8, generator=torch.Generator().manual_seed(0))  # 4 blocks of 16 tokens
+    stats = calibration.InputStatistics.from_inputs(x, seq_len=16)
+    weights = torch.ones(64)
+    weights[::16] = 10.0
+    expected = 2 * (x.T * weights) @ x / 64
+    torch.testing.assert_close(stats.hessian(10.0), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.hessian(1.0), stats.hessian())
+    with pytest.raises(ValueError, match="seq_len 5 must divide"):
+        calibration.InputStatistics.from_inputs(x, seq_len=5)
+    with pytest.raises(ValueError, match="first_token_weight"):
+        stats.hessian(-1.0)

@@ -108,6 +108,20 @@ def test_the_returned_grid_holds_the_weight(group_size, act_order):
     assert torch.equal(module.dequantized_weight(), quantized)
 
 
+def test_weighting_the_first_token_protects_it():
+    """Inputs whose first token (of every block) points along its own direction: with uniform weights
+    GPTQ may push error onto it; weighting it in the Hessian lowers its error."""
+    g = torch.Generator().manual_seed(5)
+    x = _correlated_inputs(n_tokens=512)  # [512, 64] = 8 blocks of 64 tokens
+    x[::64] = 3 * torch.randn(8, 64, generator=g)
+    stats = calibration.InputStatistics.from_inputs(x, seq_len=64)
+    weight = torch.randn(32, 64, generator=g)
+    first = x[::64]
+    uniform_weights = gptq.gptq_quantize(weight, stats.hessian(1.0), 3, group_size=16)[0]
+    weighted = gptq.gptq_quantize(weight, stats.hessian(64.0), 3, group_size=16)[0]
+    assert _reconstruction_error(weight, weighted, first) < _reconstruction_error(weight, uniform_weights, first)
+
+
 def test_model_gptq_packs_what_it_simulates():
     from conftest import make_tiny_llama
 

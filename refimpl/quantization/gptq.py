@@ -38,7 +38,7 @@ from refimpl.quantization import packed, uniform
 def hessian(x: torch.Tensor) -> torch.Tensor:
     """:math:`H = 2 X X^\\top / n` from layer inputs ``x: [n_tokens, in_features]``;
     the average over tokens keeps the scale independent of the calibration set's size."""
-    return calibration.InputStatistics.from_inputs(x).hessian  # [in, in]
+    return calibration.InputStatistics.from_inputs(x).hessian()  # [in, in]
 
 
 @torch.no_grad()
@@ -155,6 +155,7 @@ def quantize_model_gptq(
     pack: bool = False,
     statistics: dict[str, calibration.InputStatistics] | None = None,
     errors: dict[str, tuple[float, float]] | None = None,
+    first_token_weight: float = 1.0,
 ) -> torch.nn.Module:
     """GPTQ every linear layer of the decoder layers, in place; the output layer is left alone.
 
@@ -166,6 +167,8 @@ def quantize_model_gptq(
     Args:
         pack: replace every layer by a :class:`~refimpl.quantization.packed.QuantizedLinear` holding
             GPTQ's codes and grid (the same values, really stored in ``bits`` bits).
+        first_token_weight: weight of the first token of every calibration block in the Hessian
+            (:meth:`refimpl.calibration.InputStatistics.hessian`); 1 is the paper's GPTQ.
         errors: if a dict is given, it receives for every layer (full name) the output error
             :math:`\\lVert \\Delta W X \\rVert^2` on its calibration inputs of round-to-nearest and of GPTQ.
 
@@ -173,12 +176,15 @@ def quantize_model_gptq(
         ``model``, modified in place (simulated quantization unless ``pack``).
     """
     uniform.check_model_grid(model, bits, group_size)  # fail before changing anything
+    if not first_token_weight >= 0:
+        raise ValueError(f"first_token_weight must be >= 0, got {first_token_weight!r}")
     granularity = "channel" if group_size is None else "group"
     for index, layer, linears, stats in calibration.statistics_by_layer(model, blocks, statistics, batch_size):
         for name, linear in linears.items():
             original = linear.weight.detach().float().clone()
-            quantized, grid = gptq_quantize(original, stats[name].hessian, bits, symmetric, group_size,
-                                            block_size, damp, act_order)
+            hessian_matrix = stats[name].hessian(first_token_weight)
+            quantized, grid = gptq_quantize(original, hessian_matrix, bits, symmetric, group_size, block_size, damp,
+                                            act_order)
             if errors is not None:
                 rtn = uniform.fake_quantize(original, bits, symmetric, granularity, group_size, uniform.WEIGHT_SCALE_DTYPE)
                 errors[f"model.layers.{index}.{name}"] = (
