@@ -148,12 +148,7 @@ def activation_absmax(model: nn.Module, blocks: torch.Tensor, batch_size: int = 
     Static activation ranges (:func:`quantize_model_w8a8`) and SmoothQuant's smoothing factors both
     start from it. The model is not changed, so every layer sees full-precision inputs.
     """
-    names = {id(module): name for name, module in model.named_modules()}
-    absmax = {}
-    for capture in calibration.layerwise(model, blocks, batch_size, skip):
-        for name, linear in capture.linears.items():
-            absmax[names[id(linear)]] = capture.inputs[name].abs().amax(dim=0)  # [n_tokens, in] -> [in]
-    return absmax
+    return {name: stats.absmax for name, stats in calibration.input_statistics(model, blocks, batch_size, skip).items()}
 
 
 @torch.no_grad()
