@@ -194,6 +194,15 @@ def layer_statistics(capture: LayerCapture) -> dict[str, InputStatistics]:
     return stats
 
 
+def shared_input_sets(stats: dict[str, InputStatistics]) -> list[list[str]]:
+    """The names of ``stats`` grouped by shared statistics object: the linear layers that read the
+    same input (q, k, v; gate, up), in their order."""
+    sets: dict[int, list[str]] = {}
+    for name, s in stats.items():
+        sets.setdefault(id(s), []).append(name)
+    return list(sets.values())
+
+
 def input_statistics(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8,
                      skip: tuple[str, ...] = ()) -> dict[str, InputStatistics]:
     """:class:`InputStatistics` of every linear layer of the decoder layers, by full module name

@@ -133,3 +133,10 @@ def test_first_tokens_can_be_weighted_in_the_hessian():
         calibration.InputStatistics.from_inputs(x, seq_len=5)
     with pytest.raises(ValueError, match="first_token_weight"):
         stats.hessian(-1.0)
+
+
+def test_shared_input_sets_group_layers_reading_one_input(tiny_llama):
+    capture = next(calibration.layerwise(tiny_llama, torch.zeros(1, 8, dtype=torch.long)))
+    sets = calibration.shared_input_sets(calibration.layer_statistics(capture))
+    assert sets == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                    ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]

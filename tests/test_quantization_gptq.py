@@ -122,6 +122,18 @@ def test_weighting_the_first_token_protects_it():
     assert _reconstruction_error(weight, weighted, first) < _reconstruction_error(weight, uniform_weights, first)
 
 
+def test_layers_reading_one_input_are_quantized_as_if_alone(tiny_llama):
+    """Stacking q, k, v (one Hessian) into one column loop gives each the result it gets alone."""
+    blocks = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    statistics = calibration.input_statistics(tiny_llama, blocks)
+    alone = {name: gptq.gptq_quantize(tiny_llama.get_submodule(name).weight, statistics[name].hessian(), 3,
+                                      group_size=32)[0]
+             for name in ("model.layers.0.self_attn.k_proj", "model.layers.0.mlp.up_proj")}
+    gptq.quantize_model_gptq(tiny_llama, None, 3, group_size=32, statistics=statistics)
+    for name, expected in alone.items():
+        torch.testing.assert_close(tiny_llama.get_submodule(name).weight, expected, rtol=0, atol=1e-6)
+
+
 def test_model_gptq_packs_what_it_simulates():
     from conftest import make_tiny_llama
 

@@ -127,11 +127,7 @@ def quantize_model_awq(
     uniform.check_model_grid(model, bits, group_size)  # fail before changing anything
     granularity = "channel" if group_size is None else "group"
     for index, layer, linears, stats in calibration.statistics_by_layer(model, blocks, statistics, batch_size):
-        # Layers that read the same tensor (q, k, v; gate, up) share one statistics object and one scale.
-        sets: dict[int, list[str]] = {}
-        for name in linears:
-            sets.setdefault(id(stats[name]), []).append(name)
-        for members in sets.values():
+        for members in calibration.shared_input_sets(stats):  # layers reading one input share one scale
             scales, alpha, _ = search_scales([linears[n].weight for n in members], stats[members[0]], bits,
                                              symmetric, group_size, n_grid)
             for name in members:

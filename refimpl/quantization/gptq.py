@@ -180,17 +180,26 @@ def quantize_model_gptq(
         raise ValueError(f"first_token_weight must be >= 0, got {first_token_weight!r}")
     granularity = "channel" if group_size is None else "group"
     for index, layer, linears, stats in calibration.statistics_by_layer(model, blocks, statistics, batch_size):
-        for name, linear in linears.items():
-            original = linear.weight.detach().float().clone()
-            hessian_matrix = stats[name].hessian(first_token_weight)
-            quantized, grid = gptq_quantize(original, hessian_matrix, bits, symmetric, group_size, block_size, damp,
-                                            act_order)
-            if errors is not None:
-                rtn = uniform.fake_quantize(original, bits, symmetric, granularity, group_size, uniform.WEIGHT_SCALE_DTYPE)
-                errors[f"model.layers.{index}.{name}"] = (
-                    stats[name].output_error(rtn - original), stats[name].output_error(quantized - original))
-            linear.weight.copy_(quantized.to(linear.weight.dtype))
-            if pack:
-                packed.swap_linears(layer, {name: packed.QuantizedLinear.from_linear(
-                    linear, bits, symmetric, granularity, group_size, qparams=grid, weight=quantized)})
+        # Layers that read one input share its Hessian, and GPTQ treats every output row on its own:
+        # their weights are stacked row-wise and quantized in one column loop ([sum of out, in]).
+        for members in calibration.shared_input_sets(stats):
+            originals = [linears[name].weight.detach().float().clone() for name in members]
+            stacked, grid = gptq_quantize(torch.cat(originals), stats[members[0]].hessian(first_token_weight), bits,
+                                          symmetric, group_size, block_size, damp, act_order)
+            start = 0
+            for name, original in zip(members, originals):
+                rows = slice(start, start + original.shape[0])
+                start = rows.stop
+                quantized, linear = stacked[rows], linears[name]
+                if errors is not None:
+                    rtn = uniform.fake_quantize(original, bits, symmetric, granularity, group_size,
+                                                uniform.WEIGHT_SCALE_DTYPE)
+                    errors[f"model.layers.{index}.{name}"] = (
+                        stats[name].output_error(rtn - original), stats[name].output_error(quantized - original))
+                linear.weight.copy_(quantized.to(linear.weight.dtype))
+                if pack:
+                    own_grid = uniform.QParams(grid.scale[rows], grid.zero_point[rows], bits, symmetric, granularity,
+                                               group_size)
+                    packed.swap_linears(layer, {name: packed.QuantizedLinear.from_linear(
+                        linear, bits, symmetric, granularity, group_size, qparams=own_grid, weight=quantized)})
     return model
