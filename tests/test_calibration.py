@@ -140,3 +140,19 @@ def test_shared_input_sets_group_layers_reading_one_input(tiny_llama):
     sets = calibration.shared_input_sets(calibration.layer_statistics(capture))
     assert sets == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                     ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_statistics_of_two_captures_combine_to_those_of_both(tiny_llama):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 128, (2, 12), generator=g), torch.randint(0, 128, (3, 12), generator=g)
+    combined = calibration.combine_statistics(calibration.input_statistics(tiny_llama, a),
+                                              calibration.input_statistics(tiny_llama, b))
+    both = calibration.input_statistics(tiny_llama, torch.cat([a, b]))
+    for name, stats in both.items():
+        torch.testing.assert_close(combined[name].gram, stats.gram, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(combined[name].first_gram, stats.first_gram, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(combined[name].mean_abs, stats.mean_abs)
+        assert torch.equal(combined[name].absmax, stats.absmax) and combined[name].n_tokens == 60
+    assert combined["model.layers.0.self_attn.q_proj"] is combined["model.layers.0.self_attn.v_proj"]
+    with pytest.raises(ValueError, match="same model"):
+        calibration.combine_statistics()
