@@ -187,8 +187,6 @@ def quantize_model_w8a8(
     check_choice("weight_granularity", weight_granularity, WEIGHT_GRANULARITIES)
     check_choice("act_granularity", act_granularity, ACT_GRANULARITIES)
     linears = uniform.quantizable_linears(model, skip)
-    if not linears:
-        raise ValueError("model has no nn.Linear layer to quantize (after skip)")
     if w_bits is not None and weight_granularity == "group":
         check_positive_int("group_size", group_size)
         uniform.check_model_grid(model, w_bits, group_size, skip)

@@ -262,13 +262,6 @@ def swap_linears(model: torch.nn.Module, replacements: dict[str, torch.nn.Module
     return model
 
 
-def _linears(model: torch.nn.Module, skip: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
-    linears = uniform.quantizable_linears(model, skip)
-    if not linears:
-        raise ValueError("model has no nn.Linear layer to quantize (after skip)")
-    return linears
-
-
 @torch.no_grad()
 def pack_model(model: torch.nn.Module, bits: int, symmetric: bool = False, granularity: str = "group",
                group_size: int | None = 64, skip: tuple[str, ...] = ("lm_head",)) -> torch.nn.Module:
@@ -280,7 +273,7 @@ def pack_model(model: torch.nn.Module, bits: int, symmetric: bool = False, granu
         ``model``, modified in place.
     """
     return swap_linears(model, {name: QuantizedLinear.from_linear(linear, bits, symmetric, granularity, group_size)
-                                for name, linear in _linears(model, skip).items()})
+                                for name, linear in uniform.quantizable_linears(model, skip).items()})
 
 
 @torch.no_grad()
@@ -294,7 +287,7 @@ def packed_size(model: torch.nn.Module, bits: int, symmetric: bool = False, gran
     """
     from refimpl.evaluate import model_bytes
 
-    linears = _linears(model, skip)
+    linears = uniform.quantizable_linears(model, skip)
     by_shape: dict[tuple[int, int, bool], list[torch.nn.Linear]] = {}
     for linear in linears.values():
         by_shape.setdefault((linear.in_features, linear.out_features, linear.bias is not None), []).append(linear)
@@ -321,4 +314,4 @@ def pack_model_code_book(model: torch.nn.Module, code: torch.Tensor = formats.NF
         ``model``, modified in place.
     """
     return swap_linears(model, {name: CodeBookLinear.from_linear(linear, code, blocksize, double_quant)
-                                for name, linear in _linears(model, skip).items()})
+                                for name, linear in uniform.quantizable_linears(model, skip).items()})

@@ -199,9 +199,13 @@ def fake_quantize(
 
 def quantizable_linears(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> dict[str, torch.nn.Linear]:
     """The ``nn.Linear`` modules of ``model`` by name, except those whose name contains a ``skip``
-    entry (by default the output layer, which SmolLM2 ties to the input embedding)."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and not any(s in name for s in skip)}
+    entry (by default the output layer, which SmolLM2 ties to the input embedding). Raises
+    ``ValueError`` if there is none: every caller is about to quantize them."""
+    linears = {name: m for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not any(s in name for s in skip)}
+    if not linears:
+        raise ValueError("model has no nn.Linear layer to quantize (after skip)")
+    return linears
 
 
 def check_model_grid(model: torch.nn.Module, bits: int, group_size: int | None,
@@ -237,8 +241,6 @@ def quantize_model_rtn(
         ``model``, modified in place.
     """
     linears = quantizable_linears(model, skip)
-    if not linears:
-        raise ValueError("model has no nn.Linear layer to quantize (after skip)")
     check_bits(bits)
     check_choice("granularity", granularity, ("tensor", "channel", "group"))
     for name, linear in linears.items():
