@@ -113,25 +113,30 @@ def gptq_quantize(
     # Upper Cholesky factor U of H^-1 (H^-1 = U^T U): row q of U holds the update coefficients.
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-    Q = torch.zeros_like(W)
-    qparams = fixed.get(0)
+    # The loop reads and writes one column of W per step: it works on W^T [in, out], where a column is
+    # a contiguous row, with in-place operations (a column costs a handful of small kernels).
+    WT = W.T.contiguous()  # [in, out]
+    qmin, qmax = uniform.code_range(bits, symmetric)
+    QT = torch.empty_like(WT)  # [in, out], the quantized columns
+    if group_size is None:
+        scale, zero = fixed[0].scale[:, 0], fixed[0].zero_point[:, 0]  # [out]
+    order = perm.tolist()
     for start in range(0, n_in, block_size):  # lazy batch updates (Alg. 1)
         end = min(start + block_size, n_in)
-        errors = torch.zeros(W.shape[0], end - start, dtype=W.dtype, device=W.device)  # [out, B]
+        errors = torch.empty(end - start, WT.shape[1], dtype=W.dtype, device=W.device)  # [B, out]
         for i in range(start, end):
-            column = int(perm[i])  # the column's index in the original weight
-            if group_size is not None:
+            column = order[i]  # the column's index in the original weight
+            if group_size is not None and (act_order or column % group_size == 0):
                 group = column - column % group_size
-                if act_order:
-                    qparams = fixed[group]
-                elif column % group_size == 0:  # entering a new group: scale from the updated weights
-                    qparams = fixed[group] = params_for(W[:, i : i + group_size])
-            q = uniform.round_to_grid(W[:, i : i + 1], qparams)[:, 0]  # [out], round to nearest on the grid
-            Q[:, i] = q
-            error = (W[:, i] - q) / U[i, i]  # [out]
-            W[:, i + 1 : end] -= error[:, None] * U[i, i + 1 : end][None, :]  # within the block, now
-            errors[:, i - start] = error
-        W[:, end:] -= errors @ U[start:end, end:]  # the rest of the matrix, once per block
+                if not act_order:  # entering a new group: its scale from the updated weights
+                    fixed[group] = params_for(WT[i : i + group_size].T)
+                scale, zero = fixed[group].scale[:, 0], fixed[group].zero_point[:, 0]
+            q = QT[i]  # round to nearest on the grid (uniform.dequantize(uniform.quantize(.))), in place
+            torch.div(WT[i], scale, out=q).round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
+            error = torch.sub(WT[i], q, out=errors[i - start]).div_(U[i, i])  # [out]
+            WT[i + 1 : end].addr_(U[i, i + 1 : end], error, alpha=-1)  # within the block, now
+        WT[end:].addmm_(U[start:end, end:].T, errors, alpha=-1)  # the rest of the matrix, once per block
+    Q = QT.T
     if group_size is None:
         grid = fixed[0]
     else:  # one [out, 1] scale per group -> [out, n_groups, 1], the shape of uniform.grouped

@@ -173,13 +173,6 @@ def dequantize(codes: torch.Tensor, qparams: QParams, shape: torch.Size | tuple[
     return values.reshape(shape)
 
 
-def round_to_grid(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
-    """``dequantize(quantize(x, qparams))`` for ``x`` already in the grouped shape of ``qparams``,
-    without input validation: the inner loop of methods that round one column at a time (GPTQ)."""
-    codes = (torch.round(x / qparams.scale) + qparams.zero_point).clamp(qparams.qmin, qparams.qmax)
-    return qparams.scale * (codes - qparams.zero_point)
-
-
 def fake_quantize(
     x: torch.Tensor,
     bits: int,
