@@ -35,6 +35,18 @@ from refimpl._validation import check_positive_int
 from refimpl.quantization import packed, uniform
 
 
+def _upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
+    """The upper triangular :math:`U` with :math:`H^{-1} = U^\top U`, without forming :math:`H^{-1}`.
+
+    With :math:`J` the order-reversing permutation, :math:`JHJ = LL^\top` (Cholesky) gives
+    :math:`H = RR^\top` with :math:`R = JLJ` upper triangular, so :math:`H^{-1} = (R^{-1})^\top R^{-1}`
+    and :math:`U = R^{-1}` (one factorisation and one triangular inverse; the paper's code takes the
+    Cholesky factor of :math:`H^{-1}` computed by a second factorisation)."""
+    R = torch.linalg.cholesky(H.flip(0, 1)).flip(0, 1)  # [in, in], upper triangular, H = R R^T
+    identity = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    return torch.linalg.solve_triangular(R, identity, upper=True)
+
+
 def hessian(x: torch.Tensor) -> torch.Tensor:
     """:math:`H = 2 X X^\\top / n` from layer inputs ``x: [n_tokens, in_features]``;
     the average over tokens keeps the scale independent of the calibration set's size."""
@@ -90,11 +102,7 @@ def gptq_quantize(
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights cannot matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-    else:
-        perm = torch.arange(n_in, device=W.device)
-    inverse_perm = torch.argsort(perm)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n_in, device=W.device)
 
     def params_for(columns: torch.Tensor) -> uniform.QParams:  # one scale per row of these columns
         return uniform.compute_qparams(columns, bits, symmetric, "channel", None, uniform.WEIGHT_SCALE_DTYPE)
@@ -108,33 +116,35 @@ def gptq_quantize(
     else:
         fixed = {}
 
-    W, H = W[:, perm], H[perm][:, perm]  # columns in the order they are quantized
+    if act_order:
+        W, H = W[:, perm], H[perm][:, perm]  # columns in the order they are quantized
     H += damp * torch.mean(torch.diag(H)) * torch.eye(n_in, dtype=H.dtype, device=H.device)  # Step 3: dampening
-    # Upper Cholesky factor U of H^-1 (H^-1 = U^T U): row q of U holds the update coefficients.
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    U = _upper_cholesky_of_inverse(H)  # H^-1 = U^T U: row q of U holds the update coefficients
 
     # The loop reads and writes one column of W per step: it works on W^T [in, out], where a column is
-    # a contiguous row, with in-place operations (a column costs a handful of small kernels).
+    # a contiguous row, through views made once, with in-place operations.
     WT = W.T.contiguous()  # [in, out]
-    qmin, qmax = uniform.code_range(bits, symmetric)
     QT = torch.empty_like(WT)  # [in, out], the quantized columns
+    columns, quantized, u_rows = WT.unbind(0), QT.unbind(0), U.unbind(0)  # n_in views of [out], [out], [in]
+    u_diagonal = U.diagonal().tolist()
+    qmin, qmax = uniform.code_range(bits, symmetric)
     if group_size is None:
         scale, zero = fixed[0].scale[:, 0], fixed[0].zero_point[:, 0]  # [out]
     order = perm.tolist()
     for start in range(0, n_in, block_size):  # lazy batch updates (Alg. 1)
         end = min(start + block_size, n_in)
         errors = torch.empty(end - start, WT.shape[1], dtype=W.dtype, device=W.device)  # [B, out]
-        for i in range(start, end):
+        for i, error in zip(range(start, end), errors.unbind(0)):
             column = order[i]  # the column's index in the original weight
             if group_size is not None and (act_order or column % group_size == 0):
                 group = column - column % group_size
                 if not act_order:  # entering a new group: its scale from the updated weights
                     fixed[group] = params_for(WT[i : i + group_size].T)
                 scale, zero = fixed[group].scale[:, 0], fixed[group].zero_point[:, 0]
-            q = QT[i]  # round to nearest on the grid (uniform.dequantize(uniform.quantize(.))), in place
-            torch.div(WT[i], scale, out=q).round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
-            error = torch.sub(WT[i], q, out=errors[i - start]).div_(U[i, i])  # [out]
-            WT[i + 1 : end].addr_(U[i, i + 1 : end], error, alpha=-1)  # within the block, now
+            w, q = columns[i], quantized[i]  # [out]: round w to the nearest grid point, in place
+            torch.div(w, scale, out=q).round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
+            torch.sub(w, q, out=error).div_(u_diagonal[i])  # [out]
+            WT[i + 1 : end].addr_(u_rows[i][i + 1 : end], error, alpha=-1)  # within the block, now
         WT[end:].addmm_(U[start:end, end:].T, errors, alpha=-1)  # the rest of the matrix, once per block
     Q = QT.T
     if group_size is None:
@@ -143,7 +153,7 @@ def gptq_quantize(
         groups = [fixed[g] for g in range(0, n_in, group_size)]
         grid = uniform.QParams(torch.stack([p.scale for p in groups], dim=1),
                                torch.stack([p.zero_point for p in groups], dim=1), bits, symmetric, "group", group_size)
-    return Q[:, inverse_perm].to(torch.float32), grid
+    return (Q[:, torch.argsort(perm)] if act_order else Q).to(torch.float32), grid  # original column order
 
 
 @torch.no_grad()
