@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from refimpl import calibration
 from refimpl.quantization import activation, smoothquant
 from refimpl.quantization.activation import ActivationQuantizedLinear
 
@@ -107,6 +108,24 @@ def test_smoothing_reduces_w8a8_error_with_outlier_channels(tiny_llama, act_gran
         with torch.no_grad():
             errors[name] = _relative_error(candidate(blocks).logits, reference)
     assert errors["smoothed"] < 0.7 * errors["naive"]
+
+
+@pytest.mark.parametrize("smooth_down_proj", [False, True])
+def test_smooth_model_from_a_capture_equals_smoothing_from_blocks(tiny_llama, smooth_down_proj):
+    blocks = torch.randint(0, tiny_llama.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    statistics = calibration.input_statistics(tiny_llama, blocks)
+    from_blocks = smoothquant.smooth_model(copy.deepcopy(tiny_llama), blocks, 0.6, smooth_down_proj=smooth_down_proj)
+    from_capture = smoothquant.smooth_model(copy.deepcopy(tiny_llama), None, 0.6, smooth_down_proj=smooth_down_proj,
+                                            statistics=statistics)
+    captured = dict(from_capture.named_parameters())
+    assert all(torch.equal(p, captured[n]) for n, p in from_blocks.named_parameters())
+    with pytest.raises(ValueError, match="exactly one of blocks"):
+        smoothquant.smooth_model(tiny_llama, blocks, statistics=statistics)
+    with pytest.raises(ValueError, match="exactly one of blocks"):
+        smoothquant.smooth_model(tiny_llama, None)
+    del statistics["model.layers.1.mlp.gate_proj"]
+    with pytest.raises(ValueError, match="model.layers.1.mlp.gate_proj"):
+        smoothquant.smooth_model(tiny_llama, None, statistics=statistics)
 
 
 def test_smooth_model_is_atomic(tiny_llama):

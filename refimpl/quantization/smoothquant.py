@@ -107,8 +107,9 @@ def _smoothing_targets(model: nn.Module, pairs: dict[str, tuple[str, ...]]) -> l
 
 
 @torch.no_grad()
-def smooth_model(model: nn.Module, blocks: torch.Tensor, alpha: float = 0.5, batch_size: int = 8,
-                 smooth_down_proj: bool = False) -> nn.Module:
+def smooth_model(model: nn.Module, blocks: torch.Tensor | None, alpha: float = 0.5, batch_size: int = 8,
+                 smooth_down_proj: bool = False,
+                 statistics: dict[str, calibration.InputStatistics] | None = None) -> nn.Module:
     """Fold SmoothQuant's factors into a Llama-style decoder, in place.
 
     For each decoder layer: :math:`s` from the inputs of q/k/v (Eq. 4, over their three weights);
@@ -119,8 +120,11 @@ def smooth_model(model: nn.Module, blocks: torch.Tensor, alpha: float = 0.5, bat
     their inputs (see :data:`SMOOTHED`); ``smooth_down_proj=True`` also divides up_proj's output rows
     by the factors of down_proj's input — exact too, since that input is ``act(gate) * up``.
 
-    All factors are computed from activations of the unmodified model (on the calibration token
-    ``blocks``) before anything changes, so an error leaves the model untouched.
+    All factors are computed from activations of the unmodified model before anything changes, so an
+    error leaves the model untouched: either from a pass over the calibration token ``blocks``, or,
+    with ``blocks=None``, from ``statistics`` captured on this unmodified model
+    (:func:`refimpl.calibration.input_statistics`; their ``absmax``), which lets an
+    :math:`\alpha` sweep reuse one capture.
 
     Returns:
         ``model``, modified in place.
@@ -129,7 +133,15 @@ def smooth_model(model: nn.Module, blocks: torch.Tensor, alpha: float = 0.5, bat
     if not isinstance(smooth_down_proj, bool):
         raise TypeError(f"smooth_down_proj must be a bool, got {type(smooth_down_proj).__name__}")
     targets = _smoothing_targets(model, {**SMOOTHED, **(DOWN_PROJ if smooth_down_proj else {})})
-    absmax = activation_absmax(model, blocks, batch_size)
+    if (blocks is None) == (statistics is None):
+        raise ValueError("pass exactly one of blocks (calibration tokens) and statistics (captured once)")
+    if statistics is not None:
+        missing = [first for _, _, first in targets if first not in statistics]
+        if missing:
+            raise ValueError(f"statistics has no entry for {missing[0]} (and {len(missing) - 1} more layers)")
+        absmax = {first: statistics[first].absmax for _, _, first in targets}
+    else:
+        absmax = activation_absmax(model, blocks, batch_size)
     factors = [smoothing_factors(absmax[first], [m.weight for m in linears], alpha)
                for _, linears, first in targets]
     for (producer, linears, _), s in zip(targets, factors):  # s: [C_i]
