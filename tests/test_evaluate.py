@@ -240,3 +240,14 @@ def test_side_by_side_validates():
         evaluate.side_by_side({}, lambda m: None)
     with pytest.raises(ValueError, match="rounds"):
         evaluate.side_by_side({"a": 1}, lambda m: None, rounds=0)
+
+
+def test_pareto_frontier_keeps_the_points_nothing_beats():
+    points = {"big": (10, 1.0), "mid": (5, 2.0), "worse mid": (6, 2.5), "tie": (5, 2.0), "small": (1, 9.0),
+              "dominated": (10, 1.5)}
+    assert evaluate.pareto_frontier(points) == ["small", "mid", "tie", "big"]
+    assert evaluate.pareto_frontier({"only": (1.0, 1.0)}) == ["only"]
+    with pytest.raises(ValueError, match="non-empty"):
+        evaluate.pareto_frontier({})
+    with pytest.raises(ValueError, match="points\\['x'\\]"):
+        evaluate.pareto_frontier({"x": (1.0, float("nan"))})

@@ -120,6 +120,50 @@ def test_half_precision_models_pack_and_nan_fails_first(method):
     assert all(torch.equal(a, b) or a.isnan().any() for a, b in zip(before, model.parameters()))
 
 
+@pytest.mark.parametrize("bits, group_size", [(3, 16), (4, None)])
+def test_clipping_search_never_loses_on_its_objective(bits, group_size):
+    """Every group keeps a ratio of its own absmax from the grid, and its error on the diagonal Gram
+    block is at most the unclipped one (ratio 1 is a candidate) — strictly smaller somewhere."""
+    x = _inputs_with_salient_channels()
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    gram = x.T @ x
+    max_abs = awq.search_clipping(weight, gram, bits, group_size=group_size)
+    size = group_size or 64
+    grouped = weight.reshape(16, -1, size)
+    ratio = max_abs / grouped.abs().amax(dim=-1, keepdim=True)
+    steps = (1 - ratio) * 20
+    assert torch.allclose(steps, steps.round(), atol=1e-4) and ratio.min() > 0.5 - 1e-6 and ratio.max() <= 1 + 1e-6
+
+    def block_errors(m):
+        delta = (awq._quantize_scaled(weight, torch.ones(64), bits, False, group_size, m)[0] - weight).reshape(grouped.shape)
+        blocks = torch.stack([gram[k * size:(k + 1) * size, k * size:(k + 1) * size] for k in range(grouped.shape[1])])
+        return torch.einsum("ogi,gij,ogj->og", delta, blocks, delta)
+
+    clipped, unclipped = block_errors(max_abs), block_errors(grouped.abs().amax(dim=-1, keepdim=True))
+    assert (clipped <= unclipped * (1 + 1e-6)).all() and (clipped < unclipped).any()
+    with pytest.raises(ValueError, match="max_shrink"):
+        awq.search_clipping(weight, gram, bits, max_shrink=1.0)
+    with pytest.raises(ValueError, match="gram"):
+        awq.search_clipping(weight, gram[:8], bits)
+
+
+def test_model_awq_clips_all_but_queries_and_keys_and_packs_it():
+    from conftest import make_tiny_llama
+
+    blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    plain, clipped, stored = make_tiny_llama(), make_tiny_llama(), make_tiny_llama()
+    awq.quantize_model_awq(plain, blocks, bits=3, group_size=16)
+    awq.quantize_model_awq(clipped, blocks, bits=3, group_size=16, clip=True)
+    awq.quantize_model_awq(stored, blocks, bits=3, group_size=16, clip=True, pack=True)
+    # layer 0 sees the same inputs in both models, so only clipping can differ there
+    first = {n: p for n, p in plain.named_parameters() if ".layers.0." in n}
+    same = {n for n, p in clipped.named_parameters() if n in first and torch.equal(p, first[n])}
+    assert {n for n in same if n.endswith("proj.weight")} == {"model.layers.0.self_attn.q_proj.weight",
+                                                            "model.layers.0.self_attn.k_proj.weight"}
+    with torch.no_grad():
+        torch.testing.assert_close(stored(blocks).logits, clipped(blocks).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_model_awq_checks_before_changing(tiny_llama):
     before = [p.clone() for p in tiny_llama.parameters()]
     with pytest.raises(ValueError, match="group_size 48 must divide"):

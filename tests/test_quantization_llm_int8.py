@@ -136,7 +136,8 @@ def test_matches_bitsandbytes_on_a_smollm2_layer(smollm2):
 
 def test_int8_matmul_is_exact_where_float32_is_not():
     """in = 4096 codes of 127 give sums near 6.6e7 > 2^24: float32 accumulation rounds, the int32
-    accumulator (float64 here) does not; random codes equal an int64 reference."""
+    accumulator (float32 over exact chunks here) does not; the extreme code -128 over a width that is
+    not a multiple of the chunk, and random codes, equal an int64 reference."""
     x_codes = torch.full((1, 4096), 127, dtype=torch.int8)
     w_codes = torch.full((2, 4096), 127, dtype=torch.int8)
     w_codes[1, 0] = 126
@@ -146,6 +147,12 @@ def test_int8_matmul_is_exact_where_float32_is_not():
     g = torch.Generator().manual_seed(0)
     a = torch.randint(-127, 128, (33, 1000), generator=g, dtype=torch.int8)
     b = torch.randint(-127, 128, (17, 1000), generator=g, dtype=torch.int8)
+    assert torch.equal(llm_int8.int8_matmul(a, b).long(), a.long() @ b.long().T)
+    extreme = torch.full((2, 3000), -128, dtype=torch.int8)
+    extreme[1, 1] = 127
+    assert torch.equal(llm_int8.int8_matmul(extreme, extreme).long(), extreme.long() @ extreme.long().T)
+    a = torch.randint(-128, 128, (9, 2500), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (5, 2500), generator=g, dtype=torch.int8)
     assert torch.equal(llm_int8.int8_matmul(a, b).long(), a.long() @ b.long().T)
 
 

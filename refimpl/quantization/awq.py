@@ -24,7 +24,13 @@ authors skip that pair then). This implementation scales ``o_proj`` and ``down_p
 layer (:class:`~refimpl.quantization.packed.QuantizedLinear`) stores such a scale as its
 ``input_scale``, two bytes per input feature. Calibrated layer by layer from token blocks, each layer
 sees the outputs of the already quantized layers before it (as GPTQ does; the authors search on
-full-precision outputs), and the optional clipping search of the paper is not implemented.
+full-precision outputs).
+
+The optional **clipping search** of the authors' code (``clip=True``) then shrinks the range of each
+group of scaled weights to the fraction :math:`r` of its largest magnitude that minimises that group's
+share of the output error — clipping a few large weights makes the grid finer for all others
+(:func:`search_clipping`). As in the authors' code, ``q_proj`` and ``k_proj`` are not clipped (their
+errors meet in the attention scores, which the per-layer objective does not see).
 """
 
 from __future__ import annotations
@@ -36,12 +42,21 @@ from refimpl._validation import check_positive_int
 from refimpl.quantization import packed, uniform
 
 
+def _clamp_groups(weight: torch.Tensor, max_abs: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """``weight [out, in]`` clamped to ``[-m, m]`` with one ``m`` per output row and group of inputs
+    (``max_abs [out, n_groups, 1]``; one group per row when ``group_size`` is None)."""
+    grouped = weight.reshape(weight.shape[0], -1, group_size or weight.shape[1])  # [out, n_groups, g]
+    return torch.maximum(torch.minimum(grouped, max_abs), -max_abs).reshape(weight.shape)
+
+
 def _quantize_scaled(weight: torch.Tensor, scales: torch.Tensor, bits: int, symmetric: bool,
-                     group_size: int | None) -> tuple[torch.Tensor, uniform.QParams]:
+                     group_size: int | None, max_abs: torch.Tensor | None = None) -> tuple[torch.Tensor, uniform.QParams]:
     """:math:`Q(W \\mathrm{diag}(s))\\, \\mathrm{diag}(s)^{-1}` with the uniform grid, and the grid of
-    :math:`Q` (float16 scales, as stored)."""
+    :math:`Q` (float16 scales, as stored); with ``max_abs``, the scaled weights are clipped first."""
     granularity = "channel" if group_size is None else "group"
     scaled = weight * scales  # [out, in]: W diag(s)
+    if max_abs is not None:
+        scaled = _clamp_groups(scaled, max_abs, group_size)
     grid = uniform.compute_qparams(scaled, bits, symmetric, granularity, group_size, uniform.WEIGHT_SCALE_DTYPE)
     return uniform.dequantize(uniform.quantize(scaled, grid), grid, scaled.shape) / scales, grid
 
@@ -96,6 +111,60 @@ def search_scales(
 
 
 @torch.no_grad()
+def search_clipping(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    bits: int,
+    symmetric: bool = False,
+    group_size: int | None = 64,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+) -> torch.Tensor:
+    """The clipping range of every group of ``weight [out, in]`` (already scaled, :math:`W\\mathrm{diag}(s)`)
+    given the Gram matrix ``gram [in, in]`` of its inputs (:math:`X'^\\top X'`, for the scaled inputs
+    :math:`X' = X \\mathrm{diag}(s)^{-1}`).
+
+    For every ratio :math:`r \\in \\{1, 1 - 1/n, \\dots\\}` down to ``1 - max_shrink`` (exclusive), the
+    group's weights are clamped to :math:`\\pm r \\max|w|` and quantized, and the error of the group's
+    part of the output, :math:`\\delta_g^\\top (X'^\\top X')_{gg}\\, \\delta_g`, is computed from the
+    diagonal block of the Gram matrix (cross-group terms are ignored, as in the authors' code); each
+    group keeps the ratio with the smallest error (:math:`r = 1`, no clipping, is a candidate).
+
+    Returns:
+        ``max_abs [out, n_groups, 1]``: the clipping range of every group (``n_groups = 1`` per channel).
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError("weight must be a 2-D tensor [out, in]")
+    n_in = weight.shape[1]
+    if not isinstance(gram, torch.Tensor) or gram.shape != (n_in, n_in):
+        raise ValueError(f"gram must be a [{n_in}, {n_in}] tensor for a weight with {n_in} inputs")
+    check_positive_int("n_grid", n_grid)
+    if not 0 < max_shrink < 1:
+        raise ValueError(f"max_shrink must be in (0, 1), got {max_shrink!r}")
+    size = group_size or n_in
+    weight = weight.detach().float()
+    grouped = weight.reshape(weight.shape[0], -1, size)  # [out, n_groups, g]
+    n_groups = grouped.shape[1]
+    blocks = torch.stack([gram[k * size:(k + 1) * size, k * size:(k + 1) * size] for k in range(n_groups)])  # [n_groups, g, g]
+    original = grouped.abs().amax(dim=-1, keepdim=True)  # [out, n_groups, 1]
+    best_error = original.new_full(original.shape[:2], float("inf"))
+    best = original.clone()
+    for step in range(max(1, int(max_shrink * n_grid))):
+        max_abs = original * (1 - step / n_grid)
+        delta = _quantize_scaled(weight, weight.new_ones(n_in), bits, symmetric, group_size, max_abs)[0] - weight
+        delta = delta.reshape(grouped.shape)  # [out, n_groups, g]
+        error = torch.einsum("ogi,gij,ogj->og", delta, blocks, delta)  # [out, n_groups]
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best = torch.where(better[..., None], max_abs, best)
+    return best
+
+
+# The authors do not clip the query and key projections.
+_NOT_CLIPPED = ("q_proj", "k_proj")
+
+
+@torch.no_grad()
 def quantize_model_awq(
     model: torch.nn.Module,
     blocks: torch.Tensor | None,
@@ -107,6 +176,7 @@ def quantize_model_awq(
     pack: bool = False,
     statistics: dict[str, calibration.InputStatistics] | None = None,
     alphas: dict[str, float] | None = None,
+    clip: bool = False,
 ) -> torch.nn.Module:
     """AWQ every linear layer of the decoder layers, in place; layers that read the same input share
     one scale. The output layer is left alone. Calibration as in
@@ -120,6 +190,8 @@ def quantize_model_awq(
     Args:
         alphas: if a dict is given, it receives the chosen :math:`\\alpha` of every set of layers that
             share a scale, by the full name of its first layer (``"model.layers.3.self_attn.q_proj"``).
+        clip: after the scale search, search a clipping range for every group of weights
+            (:func:`search_clipping`, 10 ratios from 1 down to 0.55) except in q_proj and k_proj.
 
     Returns:
         ``model``, modified in place.
@@ -132,7 +204,11 @@ def quantize_model_awq(
                                              symmetric, group_size, n_grid)
             for name in members:
                 linear = linears[name]
-                quantized, grid = _quantize_scaled(linear.weight.float(), scales, bits, symmetric, group_size)
+                max_abs = None
+                if clip and not name.endswith(_NOT_CLIPPED):
+                    gram = stats[name].gram / scales[:, None] / scales[None, :]  # X'^T X' for X' = X diag(s)^-1
+                    max_abs = search_clipping(linear.weight.float() * scales, gram, bits, symmetric, group_size)
+                quantized, grid = _quantize_scaled(linear.weight.float(), scales, bits, symmetric, group_size, max_abs)
                 linear.weight.copy_(quantized.to(linear.weight.dtype))
                 if pack:
                     packed.swap_linears(layer, {name: packed.QuantizedLinear.from_linear(
