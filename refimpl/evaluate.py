@@ -205,7 +205,7 @@ def cache_bytes(past_key_values: Any) -> int:
 
 def pareto_frontier(points: dict[str, tuple[float, float]]) -> list[str]:
     """The names of the Pareto-optimal points of ``{name: (size, loss)}`` (smaller is better in both):
-    those that no other point beats — none is at most as large *and* strictly better — by size.
+    those that no other point dominates — is at most as large and at most as bad, and differs — by size.
 
     The trade-off plots of the book (perplexity against measured bytes) mark these points."""
     if not isinstance(points, dict) or not points:
@@ -215,7 +215,8 @@ def pareto_frontier(points: dict[str, tuple[float, float]]) -> list[str]:
                 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)):
             raise ValueError(f"points[{name!r}] must be a (size, loss) pair of finite numbers, got {value!r}")
     front = [a for a, (size_a, loss_a) in points.items()
-             if not any(b != a and size_b <= size_a and loss_b < loss_a for b, (size_b, loss_b) in points.items())]
+             if not any(size_b <= size_a and loss_b <= loss_a and (size_b, loss_b) != (size_a, loss_a)
+                        for size_b, loss_b in points.values())]
     return sorted(front, key=lambda name: points[name])
 
 

@@ -247,6 +247,7 @@ def test_pareto_frontier_keeps_the_points_nothing_beats():
               "dominated": (10, 1.5)}
     assert evaluate.pareto_frontier(points) == ["small", "mid", "tie", "big"]
     assert evaluate.pareto_frontier({"only": (1.0, 1.0)}) == ["only"]
+    assert evaluate.pareto_frontier({"a": (5, 2.0), "larger, as good": (6, 2.0)}) == ["a"]
     with pytest.raises(ValueError, match="non-empty"):
         evaluate.pareto_frontier({})
     with pytest.raises(ValueError, match="points\\['x'\\]"):

@@ -145,6 +145,9 @@ def test_clipping_search_never_loses_on_its_objective(bits, group_size):
         awq.search_clipping(weight, gram, bits, max_shrink=1.0)
     with pytest.raises(ValueError, match="gram"):
         awq.search_clipping(weight, gram[:8], bits)
+    with pytest.raises(ValueError, match="group_size 24 must divide"):
+        awq.search_clipping(weight, gram, bits, group_size=24)
+    assert torch.equal(awq.search_clipping(weight, gram.double(), bits, group_size=group_size), max_abs)
 
 
 def test_model_awq_clips_all_but_queries_and_keys_and_packs_it():

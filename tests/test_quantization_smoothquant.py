@@ -124,8 +124,10 @@ def test_smooth_model_from_a_capture_equals_smoothing_from_blocks(tiny_llama, sm
     with pytest.raises(ValueError, match="exactly one of blocks"):
         smoothquant.smooth_model(tiny_llama, None)
     del statistics["model.layers.1.mlp.gate_proj"]
+    before = {n: p.clone() for n, p in tiny_llama.named_parameters()}
     with pytest.raises(ValueError, match="model.layers.1.mlp.gate_proj"):
         smoothquant.smooth_model(tiny_llama, None, statistics=statistics)
+    assert all(torch.equal(p, before[n]) for n, p in tiny_llama.named_parameters())
 
 
 def test_smooth_model_is_atomic(tiny_llama):

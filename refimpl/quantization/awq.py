@@ -139,10 +139,14 @@ def search_clipping(
     if not isinstance(gram, torch.Tensor) or gram.shape != (n_in, n_in):
         raise ValueError(f"gram must be a [{n_in}, {n_in}] tensor for a weight with {n_in} inputs")
     check_positive_int("n_grid", n_grid)
+    if group_size is not None:
+        check_positive_int("group_size", group_size)
+        if n_in % group_size:
+            raise ValueError(f"group_size {group_size} must divide in_features ({n_in})")
     if not 0 < max_shrink < 1:
         raise ValueError(f"max_shrink must be in (0, 1), got {max_shrink!r}")
     size = group_size or n_in
-    weight = weight.detach().float()
+    weight, gram = weight.detach().float(), gram.detach().to(weight.device, torch.float32)
     grouped = weight.reshape(weight.shape[0], -1, size)  # [out, n_groups, g]
     n_groups = grouped.shape[1]
     blocks = torch.stack([gram[k * size:(k + 1) * size, k * size:(k + 1) * size] for k in range(n_groups)])  # [n_groups, g, g]
@@ -197,6 +201,8 @@ def quantize_model_awq(
         ``model``, modified in place.
     """
     uniform.check_model_grid(model, bits, group_size)  # fail before changing anything
+    if not isinstance(clip, bool):
+        raise TypeError(f"clip must be a bool, got {type(clip).__name__}")
     granularity = "channel" if group_size is None else "group"
     for index, layer, linears, stats in calibration.statistics_by_layer(model, blocks, statistics, batch_size):
         for members in calibration.shared_input_sets(stats):  # layers reading one input share one scale

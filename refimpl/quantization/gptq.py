@@ -20,10 +20,13 @@ needed from the upper Cholesky factor of :math:`H^{-1}`, after dampening :math:`
 quantizes columns in order of decreasing :math:`H_{qq}` (largest activations first).
 
 The quantization grid is :mod:`refimpl.quantization.uniform`'s: per output channel, or per group of
-``group_size`` input columns. Without act-order a group's scale is computed from the (already
-updated) weights when the column loop reaches the group, as in the paper's code; with act-order the
-group scales are fixed from the original weights first ("static groups"), because the columns of a
-group are then not visited together.
+``group_size`` input columns. Without act-order a group's scale is computed when the column loop
+reaches the group, from the weights as updated so far: with ``block_size`` a multiple of
+``group_size`` (the defaults, 128 and 64) every compensation of the earlier columns has reached them.
+(The paper's code reads them before the compensations of the current block of columns — a small
+difference for the groups that start inside a block.) With act-order the group scales are fixed from
+the original weights first ("static groups"), because the columns of a group are then not visited
+together.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from refimpl.quantization import packed, uniform
 
 
 def _upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
-    """The upper triangular :math:`U` with :math:`H^{-1} = U^\top U`, without forming :math:`H^{-1}`.
+    r"""The upper triangular :math:`U` with :math:`H^{-1} = U^\top U`, without forming :math:`H^{-1}`.
 
     With :math:`J` the order-reversing permutation, :math:`JHJ = LL^\top` (Cholesky) gives
     :math:`H = RR^\top` with :math:`R = JLJ` upper triangular, so :math:`H^{-1} = (R^{-1})^\top R^{-1}`
@@ -146,7 +149,7 @@ def gptq_quantize(
             torch.sub(w, q, out=error).div_(u_diagonal[i])  # [out]
             WT[i + 1 : end].addr_(u_rows[i][i + 1 : end], error, alpha=-1)  # within the block, now
         WT[end:].addmm_(U[start:end, end:].T, errors, alpha=-1)  # the rest of the matrix, once per block
-    Q = QT.T
+    Q = QT.T.contiguous()  # [out, in]
     if group_size is None:
         grid = fixed[0]
     else:  # one [out, 1] scale per group -> [out, n_groups, 1], the shape of uniform.grouped

@@ -124,7 +124,7 @@ def smooth_model(model: nn.Module, blocks: torch.Tensor | None, alpha: float = 0
     error leaves the model untouched: either from a pass over the calibration token ``blocks``, or,
     with ``blocks=None``, from ``statistics`` captured on this unmodified model
     (:func:`refimpl.calibration.input_statistics`; their ``absmax``), which lets an
-    :math:`\alpha` sweep reuse one capture.
+    :math:`\\alpha` sweep reuse one capture.
 
     Returns:
         ``model``, modified in place.
