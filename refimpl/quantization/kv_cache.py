@@ -39,6 +39,7 @@ import torch
 
 from refimpl._validation import check_non_negative_int, check_positive_int
 from refimpl.quantization import packed, uniform
+from refimpl.quantization.activation import straight_through
 
 
 def _check_scheme(bits: int, key_group_size: int, residual: int) -> None:
@@ -87,6 +88,8 @@ def _fake_quantize(x: torch.Tensor, bits: int, group_size: int | None, n: int) -
         return x.clone()
     codes, qparams = _codes(x[:, :, :n], bits, group_size)
     x_hat = _dequantized(codes, qparams, (*x.shape[:2], n, x.shape[3])).to(x.dtype)
+    if x.requires_grad and torch.is_grad_enabled():  # trainable through the rounding (QAT of the cache)
+        x_hat = straight_through(x[:, :, :n], x_hat)
     return torch.cat([x_hat, x[:, :, n:]], dim=2)  # the last seq - n tokens stay exact
 
 
@@ -128,7 +131,9 @@ def kv_quantization(model: Any, bits: int, key_group_size: int = 32, residual: i
     In one forward over a block (perplexity) each query sees the quantized keys and values of all
     earlier tokens, with two small differences from decoding: a key group's scale also depends on
     the later tokens of its group, and KIVI's prefill attends to exact keys. ``residual=0`` by
-    default: in the book's short blocks, KIVI's ``R = 128`` would hide most of the error.
+    default: in the book's short blocks, KIVI's ``R = 128`` would hide most of the error. When the
+    model is trained inside the block, gradients pass the rounding straight through (QAT of the cache,
+    :mod:`refimpl.quantization.qat`).
     """
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

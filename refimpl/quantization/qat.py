@@ -1,0 +1,233 @@
+r"""Quantization-aware training (QAT): train the model *through* its quantizer.
+
+Post-training quantization rounds a trained model once. QAT keeps a full-precision **latent** weight
+:math:`W` and computes every forward pass with its quantized value :math:`\hat W = Q(W)`, so that the
+loss sees the rounding and training moves :math:`W` to where rounding hurts least. Rounding has zero
+gradient almost everywhere; the **straight-through estimator** (STE; Bengio, Léonard, Courville 2013,
+arXiv:1308.3432) passes the gradient of :math:`\hat W` to :math:`W` as if :math:`Q` were the identity:
+
+.. math:: \frac{\partial L}{\partial W} := \frac{\partial L}{\partial \hat W}.
+
+The grid is :mod:`refimpl.quantization.uniform`'s. By default its scales follow the latent weights
+(recomputed from their range at every step, like RTN's); with ``learnable_scale=True`` they are
+parameters trained by gradient descent as in **LSQ** (Esser et al. 2020, "Learned Step Size
+Quantization", arXiv:1902.08153, Eq. 1-3): with step size :math:`s`,
+
+.. math:: \hat w = \big(\mathrm{clamp}(\lfloor w/s \rceil + z,\, q_\text{min},\, q_\text{max}) - z\big)\, s,
+
+the rounding passed straight through, so that :math:`\partial \hat w / \partial s = -w/s + \lfloor w/s \rceil`
+inside the range and :math:`q_\text{min} - z` or :math:`q_\text{max} - z` outside it, and the gradient
+of :math:`s` scaled by :math:`g = 1/\sqrt{N q_\text{max}}` (:math:`N` weights per scale). Here the step
+sizes start from the RTN grid (so step 0 computes exactly what RTN does) and zero-points stay fixed.
+Inputs can be fake-quantized too (``a_bits``, per token, dynamic), and so can the KV cache: inside
+:func:`refimpl.quantization.kv_cache.kv_quantization` gradients pass straight through its rounding.
+
+:func:`prepare_qat` swaps :class:`FakeQuantLinear` in for the linear layers, :func:`convert_qat`
+swaps the trained result back to plain (or packed) layers. **LLM-QAT** (Liu et al. 2023, "LLM-QAT:
+Data-Free Quantization Aware Training for Large Language Models", arXiv:2305.17888) trains without
+the original data: the float model writes its own training text (:func:`self_generated_blocks`), and
+the quantized student is distilled from the float model's logits
+(:func:`refimpl.distillation.losses.forward_kl`) with the training loop of :mod:`refimpl.training`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refimpl._validation import check_choice, check_non_negative_int, check_positive_int
+from refimpl.quantization import packed, uniform
+from refimpl.quantization.activation import ActivationQuantizedLinear, straight_through
+
+GRANULARITIES = ("channel", "group")
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` forward, identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+def _scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` forward, gradient multiplied by ``factor`` backward (LSQ's gradient scale)."""
+    return (x - x * factor).detach() + x * factor
+
+
+class FakeQuantLinear(nn.Module):
+    """A linear layer that trains a latent float weight and computes with its quantized value.
+
+    ``weight`` is the latent :math:`W` (a trainable copy of the original layer's weight); ``forward``
+    uses :math:`Q(W)` with the straight-through estimator, and with ``a_bits`` also rounds its input per
+    token. ``learnable_scale`` makes the step sizes parameters (LSQ, initialised from RTN's grid).
+    """
+
+    def __init__(self, linear: nn.Linear, bits: int, symmetric: bool = False, granularity: str = "group",
+                 group_size: int | None = 64, learnable_scale: bool = False, a_bits: int | None = None):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        uniform.check_bits(bits)
+        check_choice("granularity", granularity, GRANULARITIES)
+        if granularity == "group":
+            check_positive_int("group_size", group_size)
+            if linear.in_features % group_size:
+                raise ValueError(f"group_size {group_size} must divide in_features ({linear.in_features})")
+        else:
+            group_size = None
+        if a_bits is not None:
+            uniform.check_bits(a_bits)
+        if not isinstance(learnable_scale, bool):
+            raise TypeError(f"learnable_scale must be a bool, got {type(learnable_scale).__name__}")
+        if not torch.isfinite(linear.weight).all():
+            raise ValueError("linear.weight holds NaN or Inf values; quantization needs finite weights")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bits, self.symmetric, self.granularity, self.group_size = bits, symmetric, granularity, group_size
+        self.a_bits = a_bits
+        self.weight = nn.Parameter(linear.weight.detach().float().clone())  # the latent W, [out, in]
+        self.bias = linear.bias
+        self.scale: nn.Parameter | None = None
+        if learnable_scale:
+            grid = self._dynamic_qparams()
+            self.scale = nn.Parameter(grid.scale.clone())  # [out, 1] or [out, n_groups, 1]
+            self.register_buffer("zero_point", grid.zero_point.clone())
+
+    def _dynamic_qparams(self) -> uniform.QParams:
+        return uniform.compute_qparams(self.weight.detach(), self.bits, self.symmetric, self.granularity,
+                                       self.group_size, uniform.WEIGHT_SCALE_DTYPE)
+
+    def _stored_scale(self) -> torch.Tensor:
+        """The learned step sizes as a packed layer stores them (float16, at least its smallest
+        subnormal), with the rounding passed straight through so that training computes exactly what
+        the converted layer computes."""
+        tiny = torch.nextafter(torch.zeros((), dtype=uniform.WEIGHT_SCALE_DTYPE),
+                               torch.ones((), dtype=uniform.WEIGHT_SCALE_DTYPE)).item()
+        scale = self.scale.clamp_min(tiny)
+        return scale + (scale.to(uniform.WEIGHT_SCALE_DTYPE).float().clamp_min(tiny) - scale).detach()
+
+    def qparams(self) -> uniform.QParams:
+        """The grid :math:`Q` uses now: the learned step sizes, or the grid of the current latent
+        weight's range."""
+        if self.scale is None:
+            return self._dynamic_qparams()
+        return uniform.QParams(self._stored_scale().detach(), self.zero_point, self.bits, self.symmetric,
+                               self.granularity, self.group_size)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """:math:`Q(W)` ``[out, in]``, differentiable with respect to ``weight`` (and ``scale``)."""
+        if self.scale is None:
+            qp = self._dynamic_qparams()
+            w_hat = uniform.dequantize(uniform.quantize(self.weight, qp), qp, self.weight.shape)
+            return straight_through(self.weight, w_hat)
+        qmin, qmax = uniform.code_range(self.bits, self.symmetric)
+        grouped = uniform.grouped(self.weight, self.granularity, self.group_size)  # [out, (n_groups,) g]
+        step = _scale_gradient(self._stored_scale(), 1 / math.sqrt(grouped.shape[-1] * qmax))
+        codes = torch.clamp(_round_ste(grouped / step) + self.zero_point, qmin, qmax)
+        return ((codes - self.zero_point) * step).reshape(self.weight.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a_bits is not None:
+            x = straight_through(x, uniform.fake_quantize(x.detach(), self.a_bits, True, "token"))
+        return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        grid = f"int{self.bits} per {self.granularity}" + (f" of {self.group_size}" if self.group_size else "")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, weight={grid}, "
+                f"learnable_scale={self.scale is not None}, a_bits={self.a_bits}")
+
+
+def prepare_qat(model: nn.Module, bits: int, symmetric: bool = False, granularity: str = "group",
+                group_size: int | None = 64, learnable_scale: bool = False, a_bits: int | None = None,
+                skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+    """Replace every linear layer of ``model`` (except ``skip``) by a :class:`FakeQuantLinear`, in place;
+    all replacements are built before the first is swapped in, so an error leaves the model untouched.
+    The other parameters (embeddings, norms) keep their ``requires_grad``; freeze them to train only
+    the quantized layers.
+
+    Returns:
+        ``model``.
+    """
+    linears = uniform.quantizable_linears(model, skip)
+    replacements = {}
+    for name, linear in linears.items():
+        try:
+            replacements[name] = FakeQuantLinear(linear, bits, symmetric, granularity, group_size, learnable_scale,
+                                                 a_bits)
+        except ValueError as exc:
+            raise ValueError(f"layer {name}: {exc}") from None
+    return packed.swap_linears(model, replacements)
+
+
+@torch.no_grad()
+def convert_qat(model: nn.Module, pack: bool = False) -> nn.Module:
+    """Replace every :class:`FakeQuantLinear` by what it computes, in place: an ``nn.Linear`` holding
+    :math:`Q(W)` (wrapped in an input-quantizing
+    :class:`~refimpl.quantization.activation.ActivationQuantizedLinear` when it had ``a_bits``), or with
+    ``pack=True`` a :class:`~refimpl.quantization.packed.QuantizedLinear` storing the codes.
+
+    Returns:
+        ``model``.
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+    if not layers:
+        raise ValueError("model has no FakeQuantLinear layer (prepare_qat first)")
+    if pack and any(m.a_bits is not None for m in layers.values()):
+        raise ValueError("pack=True stores weights only; layers trained with a_bits quantize their inputs too")
+    replacements = {}
+    for name, m in layers.items():
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device)
+        grid = m.qparams()
+        linear.weight.copy_(uniform.dequantize(uniform.quantize(m.weight, grid), grid, m.weight.shape))
+        if m.bias is not None:
+            linear.bias.copy_(m.bias)
+        if pack:
+            replacements[name] = packed.QuantizedLinear.from_linear(linear, m.bits, m.symmetric, m.granularity,
+                                                                    m.group_size, qparams=grid)
+        elif m.a_bits is not None:
+            replacements[name] = ActivationQuantizedLinear(linear, w_bits=None, a_bits=m.a_bits, act_granularity="token")
+        else:
+            replacements[name] = linear
+    return packed.swap_linears(model, replacements)
+
+
+@torch.no_grad()
+def self_generated_blocks(model: nn.Module, n_blocks: int, seq_len: int, greedy_tokens: int = 4, seed: int = 0,
+                          batch_size: int = 8) -> torch.Tensor:
+    """LLM-QAT's data-free training text (§2.1): each sequence starts from a token drawn uniformly from
+    the vocabulary; the model then picks its top-1 token for the next ``greedy_tokens`` positions and
+    samples the rest from its own next-token distribution. Seeded; uses the KV cache.
+
+    Returns:
+        ``LongTensor[n_blocks, seq_len]`` of token ids, on the model's device.
+    """
+    check_positive_int("n_blocks", n_blocks)
+    check_positive_int("seq_len", seq_len)
+    check_non_negative_int("greedy_tokens", greedy_tokens)
+    check_non_negative_int("seed", seed)
+    check_positive_int("batch_size", batch_size)
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    blocks = []
+    try:
+        for start in range(0, n_blocks, batch_size):
+            n = min(batch_size, n_blocks - start)
+            tokens = torch.randint(0, vocab, (n, 1), generator=generator)  # [n, 1], the random first token
+            cache, step_input = None, tokens
+            for position in range(1, seq_len):
+                out = model(step_input.to(device), past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                logits = out.logits[:, -1].float().cpu()  # [n, vocab]
+                if position <= greedy_tokens:
+                    next_token = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    next_token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+                tokens = torch.cat([tokens, next_token], dim=1)
+                step_input = next_token
+            blocks.append(tokens)
+    finally:
+        model.train(was_training)
+    return torch.cat(blocks).to(device)

@@ -1,0 +1,111 @@
+"""refimpl.quantization.qat: fake quantization starts at RTN and passes gradients straight through,
+LSQ step sizes learn, QAT by distillation lowers the loss, conversion back reproduces the trained
+model (float or packed), LLM-QAT's self-generated text, the KV cache trains through its rounding,
+and validation leaves the model untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from refimpl import training
+from refimpl.distillation.losses import forward_kl
+from refimpl.quantization import activation, kv_cache, packed, qat, uniform
+
+
+def _blocks(seed=0, n=4, length=16):
+    return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("learnable_scale", [False, True])
+def test_starts_at_rtn_and_passes_gradients_straight_through(learnable_scale):
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 16, bias=False)
+    layer = qat.FakeQuantLinear(linear, 3, group_size=32, learnable_scale=learnable_scale)
+    rtn = uniform.fake_quantize(linear.weight.detach(), 3, False, "group", 32, uniform.WEIGHT_SCALE_DTYPE)
+    torch.testing.assert_close(layer.quantized_weight(), rtn, rtol=0, atol=1e-6)
+    x = torch.randn(5, 128, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    # STE: dL/dW equals dL/dW_hat = 2 (x W_hat^T)^T x inside the range
+    expected = 2 * (x @ rtn.T).T @ x
+    inside = layer.weight.grad != 0
+    assert inside.float().mean() > 0.9
+    torch.testing.assert_close(layer.weight.grad[inside], expected.detach()[inside], rtol=1e-4, atol=1e-4)
+    assert x.grad is not None
+    if learnable_scale:
+        assert layer.scale.grad is not None and layer.scale.grad.abs().sum() > 0
+
+
+def _distill(student, teacher, blocks, steps, lr=1e-3):
+    def loss(m, batch):
+        with torch.no_grad():
+            target = teacher(batch).logits
+        return forward_kl(m(batch).logits, target)
+    return training.train(student, [blocks], loss, training.TrainConfig(steps=steps, lr=lr))
+
+
+@pytest.mark.parametrize("learnable_scale, a_bits", [(False, None), (True, None), (False, 8)])
+def test_qat_lowers_the_distillation_loss_and_converts_to_what_it_trained(tiny_llama, learnable_scale, a_bits):
+    teacher = copy.deepcopy(tiny_llama)
+    student = qat.prepare_qat(tiny_llama, 2, group_size=32, learnable_scale=learnable_scale, a_bits=a_bits)
+    scales = [m.scale.detach().clone() for m in student.modules() if isinstance(m, qat.FakeQuantLinear) and m.scale is not None]
+    blocks = _blocks()
+    log = _distill(student, teacher, blocks, steps=30, lr=3e-3)
+    assert log.losses[-1] < 0.7 * log.losses[0]
+    if learnable_scale:
+        after = [m.scale for m in student.modules() if isinstance(m, qat.FakeQuantLinear)]
+        assert any(not torch.equal(a, b) for a, b in zip(after, scales))
+    with torch.no_grad():
+        trained = student(blocks).logits
+        converted = qat.convert_qat(copy.deepcopy(student))
+        torch.testing.assert_close(converted(blocks).logits, trained, rtol=1e-5, atol=1e-5)
+        kinds = {type(m) for m in converted.modules()}
+        assert qat.FakeQuantLinear not in kinds
+        assert (activation.ActivationQuantizedLinear in kinds) == (a_bits is not None)
+        if a_bits is None:
+            stored = qat.convert_qat(copy.deepcopy(student), pack=True)
+            assert any(isinstance(m, packed.QuantizedLinear) for m in stored.modules())
+            torch.testing.assert_close(stored(blocks).logits, converted(blocks).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_self_generated_blocks_follow_llm_qat(tiny_llama):
+    blocks = qat.self_generated_blocks(tiny_llama, n_blocks=5, seq_len=12, greedy_tokens=3, seed=1, batch_size=2)
+    assert blocks.shape == (5, 12) and blocks.dtype == torch.long
+    assert torch.equal(blocks, qat.self_generated_blocks(tiny_llama, 5, 12, 3, seed=1, batch_size=2))
+    assert not torch.equal(blocks, qat.self_generated_blocks(tiny_llama, 5, 12, 3, seed=2, batch_size=2))
+    with torch.no_grad():
+        logits = tiny_llama(blocks).logits  # [5, 12, vocab]
+    greedy = logits[:, :3].argmax(dim=-1)  # the predictions for positions 1..3
+    assert torch.equal(blocks[:, 1:4], greedy)
+    assert not torch.equal(blocks[:, 4:], logits[:, 3:-1].argmax(dim=-1))  # the rest is sampled
+
+
+def test_the_kv_cache_trains_through_its_rounding(tiny_llama):
+    blocks = _blocks(length=40)
+    with kv_cache.kv_quantization(tiny_llama, 4, key_group_size=8):
+        tiny_llama(blocks, labels=blocks).loss.backward()
+    grad = tiny_llama.model.layers[0].self_attn.k_proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_validation_leaves_the_model_untouched(tiny_llama):
+    names = [n for n, _ in tiny_llama.named_modules()]
+    with pytest.raises(ValueError, match="group_size 48 must divide"):
+        qat.prepare_qat(tiny_llama, 4, group_size=48)
+    with pytest.raises(ValueError, match="bits"):
+        qat.prepare_qat(tiny_llama, 1)
+    with pytest.raises(ValueError, match="granularity"):
+        qat.prepare_qat(tiny_llama, 4, granularity="tensor")
+    with pytest.raises(TypeError, match="learnable_scale"):
+        qat.prepare_qat(tiny_llama, 4, learnable_scale=1)
+    assert [n for n, _ in tiny_llama.named_modules()] == names
+    with pytest.raises(ValueError, match="prepare_qat first"):
+        qat.convert_qat(tiny_llama)
+    qat.prepare_qat(tiny_llama, 4, group_size=32, a_bits=8)
+    with pytest.raises(ValueError, match="pack=True"):
+        qat.convert_qat(tiny_llama, pack=True)
+    with pytest.raises(ValueError, match="n_blocks"):
+        qat.self_generated_blocks(tiny_llama, 0, 8)
