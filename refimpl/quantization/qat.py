@@ -193,10 +193,12 @@ def convert_qat(model: nn.Module, pack: bool = False) -> nn.Module:
 
 @torch.no_grad()
 def self_generated_blocks(model: nn.Module, n_blocks: int, seq_len: int, greedy_tokens: int = 4, seed: int = 0,
-                          batch_size: int = 8) -> torch.Tensor:
+                          batch_size: int = 32) -> torch.Tensor:
     """LLM-QAT's data-free training text (§2.1): each sequence starts from a token drawn uniformly from
     the vocabulary; the model then picks its top-1 token for the next ``greedy_tokens`` positions and
-    samples the rest from its own next-token distribution. Seeded; uses the KV cache.
+    samples the rest from its own next-token distribution. Seeded; uses the KV cache. Sequences are
+    generated ``batch_size`` at a time: a decoding step reads all weights whatever the batch, so large
+    batches are nearly free on a CPU.
 
     Returns:
         ``LongTensor[n_blocks, seq_len]`` of token ids, on the model's device.
