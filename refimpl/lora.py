@@ -34,6 +34,18 @@ from refimpl.quantization import packed
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def _check_adapter(base: nn.Module, r: int, alpha: float) -> None:
+    """The checks of one adapter on ``base``, before anything is built."""
+    if not isinstance(base, nn.Linear) and not hasattr(base, "dequantized_weight"):
+        raise TypeError(f"base must be an nn.Linear or a quantized linear layer, got {type(base).__name__}")
+    check_positive_int("r", r)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+    if r > min(base.in_features, base.out_features):
+        raise ValueError(f"r ({r}) must not exceed min(in_features, out_features) = "
+                         f"{min(base.in_features, base.out_features)}")
+
+
 def _base_weight(base: nn.Module) -> torch.Tensor:
     """The float weight ``[out, in]`` a base layer computes with (dequantized for quantized layers)."""
     if isinstance(base, nn.Linear):
@@ -46,15 +58,8 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16.0):
         super().__init__()
-        if not isinstance(base, nn.Linear) and not hasattr(base, "dequantized_weight"):
-            raise TypeError(f"base must be an nn.Linear or a quantized linear layer, got {type(base).__name__}")
-        check_positive_int("r", r)
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
-            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+        _check_adapter(base, r, alpha)
         self.in_features, self.out_features = base.in_features, base.out_features
-        if r > min(self.in_features, self.out_features):
-            raise ValueError(f"r ({r}) must not exceed min(in_features, out_features) = "
-                             f"{min(self.in_features, self.out_features)}")
         self.base, self.r, self.alpha, self.scaling = base, r, float(alpha), float(alpha) / r
         for p in base.parameters():
             p.requires_grad_(False)
@@ -103,12 +108,7 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets: tuple[s
     Returns:
         ``model``.
     """
-    if not isinstance(targets, tuple) or not targets or not all(isinstance(t, str) for t in targets):
-        raise ValueError(f"targets must be a non-empty tuple of layer-name endings, got {targets!r}")
-    layers = {name: m for name, m in model.named_modules()
-              if name.split(".")[-1] in targets and not isinstance(m, LoRALinear)}
-    if not layers:
-        raise ValueError(f"model has no layer named {list(targets)}")
+    layers = check_lora_arguments(model, r, alpha, targets)
     adapters = {name: LoRALinear(m, r, alpha) for name, m in layers.items()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -117,6 +117,26 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets: tuple[s
         adapter.lora_A.requires_grad_(True)
         adapter.lora_B.requires_grad_(True)
     return model
+
+
+def check_lora_arguments(model: nn.Module, r: int, alpha: float, targets: tuple[str, ...]) -> dict[str, nn.Module]:
+    """Check every adapter :func:`add_lora` would build (``ValueError``/``TypeError`` naming the
+    problem) without changing ``model``; return the layers it would wrap, by name."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(targets, tuple) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"targets must be a non-empty tuple of layer-name endings, got {targets!r}")
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("model already has LoRA adapters (merge_lora first to add new ones)")
+    layers = {name: m for name, m in model.named_modules() if name.split(".")[-1] in targets}
+    if not layers:
+        raise ValueError(f"model has no layer named {list(targets)}")
+    for name, m in layers.items():
+        try:
+            _check_adapter(m, r, alpha)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"layer {name}: {exc}") from None
+    return layers
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -137,7 +157,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
         if isinstance(m, LoRALinear):
             weight = _base_weight(m.base).float() + (0 if m.merged else m.delta_weight().float())
             bias = getattr(m.base, "bias", None)
-            linear = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device=weight.device)
+            dtype = m.base.weight.dtype if isinstance(m.base, nn.Linear) else torch.float32
+            linear = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device=weight.device, dtype=dtype)
             linear.weight.copy_(weight)
             if bias is not None:
                 linear.bias.copy_(bias)

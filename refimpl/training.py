@@ -8,7 +8,7 @@ What it does, and nothing more:
   adapters;
 - **gradient clipping** by the global norm over those parameters;
 - a **learning rate** that rises linearly over ``warmup_steps`` and then follows a half cosine from
-  ``lr`` down to ``min_lr_ratio * lr`` at the last step (:func:`learning_rate`);
+  ``lr`` towards ``min_lr_ratio * lr`` (:func:`learning_rate`; no step gets a zero rate);
 - **seeded**, with the model in training mode while it runs (and its previous mode restored), a
   progress bar, and a log of the loss, learning rate and gradient norm of every step.
 
@@ -58,16 +58,15 @@ class TrainLog:
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
-    r"""The learning rate of step ``step`` (0-based): :math:`\eta\,(t+1)/w` during the ``w`` warm-up
-    steps, then :math:`\eta\,\big(r + (1 - r)\,\tfrac12(1 + \cos(\pi\,\tfrac{t - w}{T - w - 1}))\big)`
-    with :math:`r` = ``min_lr_ratio``, from :math:`\eta` at the first step after warm-up to
-    :math:`r\eta` at the last step :math:`T - 1`."""
+    r"""The learning rate of step ``step`` (0-based): :math:`\eta\,(t+1)/(w+1)` during the ``w`` warm-up
+    steps, then :math:`\eta\,\big(r + (1 - r)\,\tfrac12(1 + \cos(\pi\,\tfrac{t - w}{T - w}))\big)` with
+    :math:`r` = ``min_lr_ratio``: :math:`\eta` at the first step after warm-up, approaching
+    :math:`r\eta` at the end (the schedule of the step after the last one), so every step trains."""
     check_non_negative_int("step", step)
     warmup, steps = config.warmup_steps, config.steps
     if step < warmup:
-        return config.lr * (step + 1) / warmup
-    decay_steps = steps - warmup - 1
-    fraction = 0.0 if decay_steps <= 0 else min(1.0, (step - warmup) / decay_steps)  # one step: lr itself
+        return config.lr * (step + 1) / (warmup + 1)
+    fraction = min(1.0, (step - warmup) / (steps - warmup))
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * fraction)))
 
 
@@ -133,7 +132,10 @@ def train(model: torch.nn.Module, batches: Sequence[Any], loss_fn: Callable[[tor
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             max_norm = config.grad_clip if config.grad_clip is not None else math.inf
-            norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)  # the norm before clipping
+            try:  # the norm before clipping
+                norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm, error_if_nonfinite=True)
+            except RuntimeError:
+                raise FloatingPointError(f"a gradient is NaN or Inf at step {step}") from None
             optimizer.step()
             log.losses.append(loss.item())
             log.lrs.append(lr)

@@ -34,15 +34,25 @@ def test_by_hand_on_two_tokens():
     assert losses.forward_kl(t, t).item() == pytest.approx(0.0, abs=1e-7)
 
 
-def test_temperature_and_mask():
+@pytest.mark.parametrize("kl", [losses.forward_kl, losses.reverse_kl])
+def test_temperature_and_mask(kl):
     s, t = _logits(2), _logits(3)
     tau = 2.0
-    expected = tau**2 * losses.forward_kl(s / tau, t / tau)
-    torch.testing.assert_close(losses.forward_kl(s, t, temperature=tau), expected)
+    expected = tau**2 * kl(s / tau, t / tau)
+    torch.testing.assert_close(kl(s, t, temperature=tau), expected)
     mask = torch.zeros(2, 5, dtype=torch.bool)
     mask[0, 1] = mask[1, 4] = True
-    torch.testing.assert_close(losses.forward_kl(s, t, mask=mask),
-                               losses.forward_kl(s[mask][None], t[mask][None]))
+    torch.testing.assert_close(kl(s, t, mask=mask), kl(s[mask][None], t[mask][None]))
+
+
+def test_tokens_a_distribution_excludes_add_nothing():
+    s, t = _logits(6), _logits(7)
+    t[..., 0] = float("-inf")  # the teacher never predicts token 0
+    value = losses.forward_kl(s, t)
+    assert torch.isfinite(value)
+    p = torch.softmax(t, -1)[..., 1:]
+    expected = (p * (p.log() - torch.log_softmax(s, -1)[..., 1:])).sum(-1).mean()
+    torch.testing.assert_close(value, expected)
 
 
 def test_only_the_student_gets_gradients():

@@ -67,8 +67,8 @@ def test_adapters_on_a_quantized_base_merge_into_float_layers():
 
 def test_validation_leaves_the_model_untouched(tiny_llama):
     names = [n for n, _ in tiny_llama.named_modules()]
-    with pytest.raises(ValueError, match="r \\(100\\)"):
-        lora.add_lora(tiny_llama, r=100)
+    with pytest.raises(ValueError, match="k_proj: r \\(40\\)"):  # q_proj (64 wide) passes, k_proj (32) does not
+        lora.add_lora(tiny_llama, r=40)
     with pytest.raises(ValueError, match="alpha"):
         lora.add_lora(tiny_llama, alpha=0)
     with pytest.raises(ValueError, match="no layer named"):
@@ -77,6 +77,9 @@ def test_validation_leaves_the_model_untouched(tiny_llama):
         lora.add_lora(tiny_llama, targets="q_proj")
     assert [n for n, _ in tiny_llama.named_modules()] == names
     assert all(p.requires_grad for p in tiny_llama.parameters())
+    lora.add_lora(tiny_llama)
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        lora.add_lora(tiny_llama)
     with pytest.raises(TypeError, match="base"):
         lora.LoRALinear(nn.ReLU())
     with pytest.raises(TypeError, match="quantized one"):

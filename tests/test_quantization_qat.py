@@ -39,6 +39,38 @@ def test_starts_at_rtn_and_passes_gradients_straight_through(learnable_scale):
         assert layer.scale.grad is not None and layer.scale.grad.abs().sum() > 0
 
 
+def test_lsq_step_size_gradient_is_eq3_with_clipped_weights():
+    """dL/ds = g * sum_i c_i * (round(v_i) - v_i inside the range, q_min - z or q_max - z outside), with
+    v = w / s and g = 1 / sqrt(N q_max); clipped weights get no gradient (Esser et al. 2020, Eq. 3)."""
+    linear = nn.Linear(8, 2, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(2, 8, generator=torch.Generator().manual_seed(0)))
+    layer = qat.FakeQuantLinear(linear, 3, granularity="channel", learnable_scale=True)
+    with torch.no_grad():
+        layer.scale.mul_(0.6)  # a finer grid than the range needs: some weights now clip
+    c = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    (layer.quantized_weight() * c).sum().backward()
+    s, z = layer.qparams().scale, layer.zero_point  # [2, 1]: the stored (float16) step sizes
+    qmin, qmax = uniform.code_range(3, False)
+    v = layer.weight.detach() / s
+    codes = torch.round(v) + z
+    inside = (codes >= qmin) & (codes <= qmax)
+    assert (~inside).any() and inside.any()
+    slope = torch.where(inside, torch.round(v) - v, torch.where(codes < qmin, qmin - z, qmax - z))
+    expected = (c * slope).sum(dim=1, keepdim=True) / (8 * qmax) ** 0.5
+    torch.testing.assert_close(layer.scale.grad, expected)
+    assert torch.equal(layer.weight.grad[~inside], torch.zeros(int((~inside).sum())))
+    torch.testing.assert_close(layer.weight.grad[inside], c[inside])
+
+
+def test_conversion_gives_back_the_original_dtype():
+    linear = nn.Linear(64, 8).to(torch.bfloat16)
+    model = nn.Sequential(linear)
+    qat.prepare_qat(model, 4, group_size=32)
+    qat.convert_qat(model)
+    assert isinstance(model[0], nn.Linear) and model[0].weight.dtype == torch.bfloat16
+
+
 def _distill(student, teacher, blocks, steps, lr=1e-3):
     def loss(m, batch):
         with torch.no_grad():

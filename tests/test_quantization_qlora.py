@@ -7,6 +7,8 @@ import copy
 
 import torch
 
+import pytest
+
 from refimpl import lora, training
 from refimpl.evaluate import model_bytes
 from refimpl.quantization import packed, qlora
@@ -34,3 +36,20 @@ def test_qlora_trains_adapters_on_a_frozen_nf4_base(tiny_llama):
     after = qlora.memory_report(model, log.optimizer)
     n_tensors = 2 * len(adapters)
     assert after.optimizer_bytes == 2 * after.trainable_bytes + 4 * n_tensors  # two moments + a step count each
+
+
+def test_bad_arguments_leave_the_model_unpacked(tiny_llama):
+    names = {n: type(m) for n, m in tiny_llama.named_modules()}
+    with pytest.raises(ValueError, match="r \\(40\\)"):
+        qlora.prepare_qlora(tiny_llama, r=40)
+    with pytest.raises(ValueError, match="no layer named"):
+        qlora.prepare_qlora(tiny_llama, targets=("nope",))
+    assert {n: type(m) for n, m in tiny_llama.named_modules()} == names
+
+
+def test_merged_layers_keep_a_float_base_dtype():
+    from conftest import make_tiny_llama
+
+    model = lora.add_lora(make_tiny_llama().to(torch.bfloat16), r=2)
+    lora.merge_lora(model)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16

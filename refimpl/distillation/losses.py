@@ -39,8 +39,10 @@ def _check(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatu
 
 
 def _token_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) at every position, from log-probabilities ``[..., vocab]`` -> ``[...]``."""
-    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    """KL(p || q) at every position, from log-probabilities ``[..., vocab]`` -> ``[...]``; tokens with
+    :math:`p_v = 0` (e.g. logits of -inf) contribute nothing."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
 
 
 def _mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -17,8 +17,11 @@ Quantization", arXiv:1902.08153, Eq. 1-3): with step size :math:`s`,
 
 the rounding passed straight through, so that :math:`\partial \hat w / \partial s = -w/s + \lfloor w/s \rceil`
 inside the range and :math:`q_\text{min} - z` or :math:`q_\text{max} - z` outside it, and the gradient
-of :math:`s` scaled by :math:`g = 1/\sqrt{N q_\text{max}}` (:math:`N` weights per scale). Here the step
-sizes start from the RTN grid (so step 0 computes exactly what RTN does) and zero-points stay fixed.
+of :math:`s` scaled by :math:`g = 1/\sqrt{N q_\text{max}}` (the paper's :math:`N` is the weights of the
+layer; here, with one scale per group or channel, the weights sharing the scale). LSQ trained with SGD;
+Adam normalises each parameter's update, which cancels a constant gradient scale except through its
+:math:`\epsilon`. Here the step sizes start from the RTN grid (so step 0 computes exactly what RTN does)
+and zero-points stay fixed.
 Inputs can be fake-quantized too (``a_bits``, per token, dynamic), and so can the KV cache: inside
 :func:`refimpl.quantization.kv_cache.kv_quantization` gradients pass straight through its rounding.
 
@@ -86,6 +89,7 @@ class FakeQuantLinear(nn.Module):
         self.bits, self.symmetric, self.granularity, self.group_size = bits, symmetric, granularity, group_size
         self.a_bits = a_bits
         self.weight = nn.Parameter(linear.weight.detach().float().clone())  # the latent W, [out, in]
+        self.dtype = linear.weight.dtype  # what convert_qat gives back
         self.bias = linear.bias
         self.scale: nn.Parameter | None = None
         if learnable_scale:
@@ -176,7 +180,8 @@ def convert_qat(model: nn.Module, pack: bool = False) -> nn.Module:
         raise ValueError("pack=True stores weights only; layers trained with a_bits quantize their inputs too")
     replacements = {}
     for name, m in layers.items():
-        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device)
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
+                           dtype=m.dtype)
         grid = m.qparams()
         linear.weight.copy_(uniform.dequantize(uniform.quantize(m.weight, grid), grid, m.weight.shape))
         if m.bias is not None:

@@ -32,11 +32,13 @@ from refimpl.quantization import formats, packed
 def prepare_qlora(model: nn.Module, r: int = 8, alpha: float = 16.0, blocksize: int = 64, double_quant: bool = True,
                   targets: tuple[str, ...] = lora.DEFAULT_TARGETS) -> nn.Module:
     """Pack the linear layers of ``model`` in NF4 (output layer excepted) and add LoRA adapters to the
-    ``targets`` projections, in place. Afterwards only the adapters require gradients.
+    ``targets`` projections, in place. Afterwards only the adapters require gradients. Merging
+    (:func:`refimpl.lora.merge_lora`) gives float32 layers holding the dequantized weight plus the update.
 
     Returns:
         ``model``.
     """
+    lora.check_lora_arguments(model, r, alpha, targets)  # before packing: an error leaves the model untouched
     packed.pack_model_code_book(model, formats.NF4_CODE, blocksize, double_quant)
     return lora.add_lora(model, r, alpha, targets)
 
@@ -48,13 +50,13 @@ class MemoryReport:
     stored_bytes: int  # everything the model holds: base (packed or float), embeddings, norms, adapters
     trainable_parameters: int
     trainable_bytes: int  # the parameters that require gradients
-    gradient_bytes: int  # their gradients, one tensor each of the same size, while a step runs
+    gradient_bytes: int  # their gradients while a step runs: computed, one tensor of the same size each
     optimizer_bytes: int | None  # the optimizer's state, if an optimizer (after a step) was given
 
 
 def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
-    """The memory of fine-tuning ``model``: stored, trained, gradients and optimizer state (measured
-    on the optimizer's state tensors when one is given)."""
+    """The memory of fine-tuning ``model``: stored and trained bytes and the optimizer state measured on
+    the tensors, gradients computed (one per trained parameter). Activations are not included."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
     return MemoryReport(model_bytes(model), sum(p.numel() for p in trainable), trainable_bytes, trainable_bytes,
