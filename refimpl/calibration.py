@@ -137,7 +137,7 @@ def layerwise(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8,
         yield LayerCapture(index, layer, linears, {name: torch.cat(xs) for name, xs in inputs.items()},
                            blocks.shape[1])
         with torch.no_grad():  # the layer may have changed: its outputs feed the next layer
-            states = [(_hidden(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
+            states = [(layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
 
 
 @dataclass
@@ -268,6 +268,6 @@ def statistics_by_layer(model: torch.nn.Module, blocks: torch.Tensor | None = No
         yield i, layer, linears, {name: statistics[f"model.layers.{i}.{name}"] for name in linears}
 
 
-def _hidden(output: Any) -> torch.Tensor:
+def layer_output(output: Any) -> torch.Tensor:
     """A decoder layer returns its hidden states, alone or first in a tuple (older transformers)."""
     return output[0] if isinstance(output, tuple) else output

@@ -158,11 +158,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
             weight = _base_weight(m.base).float() + (0 if m.merged else m.delta_weight().float())
             bias = getattr(m.base, "bias", None)
             dtype = m.base.weight.dtype if isinstance(m.base, nn.Linear) else torch.float32
-            linear = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device=weight.device, dtype=dtype)
-            linear.weight.copy_(weight)
-            if bias is not None:
-                linear.bias.copy_(bias)
-            replacements[name] = linear
+            replacements[name] = packed.linear_from_weight(weight, bias, dtype)
     if not replacements:
         raise ValueError("model has no LoRALinear layer to merge")
     return packed.swap_linears(model, replacements)

@@ -146,6 +146,12 @@ def train(model: torch.nn.Module, batches: Sequence[Any], loss_fn: Callable[[tor
     return log
 
 
+def next_token_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The language-modelling loss of a Hugging Face causal LM on token ids ``batch [b, seq_len]``: the
+    mean cross-entropy of predicting every token from the ones before it (fine-tuning, recovery)."""
+    return model(batch, labels=batch).loss
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the tensors an optimizer keeps per parameter (AdamW: two moments and a step count),
     measured on its state after at least one step."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refimpl import calibration
+from refimpl import calibration, obs
 from refimpl.quantization import gptq, packed, uniform
 
 
@@ -111,11 +111,11 @@ def test_the_blocked_loop_equals_the_column_by_column_algorithm(group_size, act_
 
 def test_upper_cholesky_of_inverse_equals_the_papers_formula():
     H = gptq.hessian(_correlated_inputs(seed=6)) + 0.01 * torch.eye(64)
-    U = gptq._upper_cholesky_of_inverse(H)
+    U = obs.upper_cholesky_of_inverse(H)
     reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     assert torch.equal(U, torch.triu(U))
     torch.testing.assert_close(U, reference, rtol=1e-4, atol=1e-5)
-    exact = gptq._upper_cholesky_of_inverse(H.double())  # the identity itself, without float32 rounding
+    exact = obs.upper_cholesky_of_inverse(H.double())  # the identity itself, without float32 rounding
     torch.testing.assert_close(exact.T @ exact, torch.linalg.inv(H.double()), rtol=1e-9, atol=1e-10)
 
 

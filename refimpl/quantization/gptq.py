@@ -16,8 +16,10 @@ Following Optimal Brain Quantization, quantizing column :math:`q` with error
 and GPTQ's three steps make this fast and stable (§4): quantize columns in a fixed order for all
 rows at once; apply updates lazily in blocks of ``block_size`` columns (Alg. 1); and take the rows
 needed from the upper Cholesky factor of :math:`H^{-1}`, after dampening :math:`H` by
-:math:`\lambda \cdot \mathrm{mean}(\mathrm{diag}\,H)` (Step 3). The optional *act-order* heuristic
-quantizes columns in order of decreasing :math:`H_{qq}` (largest activations first).
+:math:`\lambda \cdot \mathrm{mean}(\mathrm{diag}\,H)` (Step 3). That loop is shared with SparseGPT
+(:mod:`refimpl.obs`); what GPTQ adds is the rounding of each column to its grid. The optional
+*act-order* heuristic quantizes columns in order of decreasing :math:`H_{qq}` (largest activations
+first).
 
 The quantization grid is :mod:`refimpl.quantization.uniform`'s: per output channel, or per group of
 ``group_size`` input columns. Without act-order a group's scale is computed when the column loop
@@ -33,21 +35,9 @@ from __future__ import annotations
 
 import torch
 
-from refimpl import calibration
+from refimpl import calibration, obs
 from refimpl._validation import check_positive_int
 from refimpl.quantization import packed, uniform
-
-
-def _upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
-    r"""The upper triangular :math:`U` with :math:`H^{-1} = U^\top U`, without forming :math:`H^{-1}`.
-
-    With :math:`J` the order-reversing permutation, :math:`JHJ = LL^\top` (Cholesky) gives
-    :math:`H = RR^\top` with :math:`R = JLJ` upper triangular, so :math:`H^{-1} = (R^{-1})^\top R^{-1}`
-    and :math:`U = R^{-1}` (one factorisation and one triangular inverse; the paper's code takes the
-    Cholesky factor of :math:`H^{-1}` computed by a second factorisation)."""
-    R = torch.linalg.cholesky(H.flip(0, 1)).flip(0, 1)  # [in, in], upper triangular, H = R R^T
-    identity = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    return torch.linalg.solve_triangular(R, identity, upper=True)
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
@@ -96,15 +86,9 @@ def gptq_quantize(
         if n_in % group_size:
             raise ValueError(f"group_size {group_size} must divide in_features ({n_in})")
     check_positive_int("block_size", block_size)
-    if not 0 <= damp < 1:
-        raise ValueError(f"damp must be in [0, 1), got {damp!r}")
+    obs.check_damp(damp)
 
-    # float32 throughout, as in the paper's implementation; dampening keeps the Cholesky factor stable.
-    W = weight.detach().float().clone()  # [out, in]
-    H = hessian_matrix.detach().float().clone()  # [in, in]
-    dead = torch.diag(H) == 0  # inputs that were always zero: their weights cannot matter
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    W, H = obs.prepare(weight, hessian_matrix)  # float32 [out, in], [in, in], as in the paper's code
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n_in, device=W.device)
 
     def params_for(columns: torch.Tensor) -> uniform.QParams:  # one scale per row of these columns
@@ -121,34 +105,23 @@ def gptq_quantize(
 
     if act_order:
         W, H = W[:, perm], H[perm][:, perm]  # columns in the order they are quantized
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(n_in, dtype=H.dtype, device=H.device)  # Step 3: dampening
-    U = _upper_cholesky_of_inverse(H)  # H^-1 = U^T U: row q of U holds the update coefficients
-
-    # The loop reads and writes one column of W per step: it works on W^T [in, out], where a column is
-    # a contiguous row, through views made once, with in-place operations.
+    U = obs.upper_cholesky_of_inverse(obs.dampen(H, damp))  # H^-1 = U^T U: row q of U holds the update coefficients
     WT = W.T.contiguous()  # [in, out]
-    QT = torch.empty_like(WT)  # [in, out], the quantized columns
-    columns, quantized, u_rows = WT.unbind(0), QT.unbind(0), U.unbind(0)  # n_in views of [out], [out], [in]
-    u_diagonal = U.diagonal().tolist()
     qmin, qmax = uniform.code_range(bits, symmetric)
-    if group_size is None:
-        scale, zero = fixed[0].scale[:, 0], fixed[0].zero_point[:, 0]  # [out]
     order = perm.tolist()
-    for start in range(0, n_in, block_size):  # lazy batch updates (Alg. 1)
-        end = min(start + block_size, n_in)
-        errors = torch.empty(end - start, WT.shape[1], dtype=W.dtype, device=W.device)  # [B, out]
-        for i, error in zip(range(start, end), errors.unbind(0)):
-            column = order[i]  # the column's index in the original weight
-            if group_size is not None and (act_order or column % group_size == 0):
-                group = column - column % group_size
-                if not act_order:  # entering a new group: its scale from the updated weights
-                    fixed[group] = params_for(WT[i : i + group_size].T)
-                scale, zero = fixed[group].scale[:, 0], fixed[group].zero_point[:, 0]
-            w, q = columns[i], quantized[i]  # [out]: round w to the nearest grid point, in place
-            torch.div(w, scale, out=q).round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
-            torch.sub(w, q, out=error).div_(u_diagonal[i])  # [out]
-            WT[i + 1 : end].addr_(u_rows[i][i + 1 : end], error, alpha=-1)  # within the block, now
-        WT[end:].addmm_(U[start:end, end:].T, errors, alpha=-1)  # the rest of the matrix, once per block
+    current = {"scale": fixed[0].scale[:, 0], "zero": fixed[0].zero_point[:, 0]} if group_size is None else {}  # [out]
+
+    def quantize_column(i: int, w: torch.Tensor, q: torch.Tensor) -> None:
+        column = order[i]  # the column's index in the original weight
+        if group_size is not None and (act_order or column % group_size == 0):
+            group = column - column % group_size
+            if not act_order:  # entering a new group: its scale from the updated weights
+                fixed[group] = params_for(WT[i : i + group_size].T)
+            current["scale"], current["zero"] = fixed[group].scale[:, 0], fixed[group].zero_point[:, 0]
+        scale, zero = current["scale"], current["zero"]  # [out]: round w to the nearest grid point, into q
+        torch.div(w, scale, out=q).round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
+
+    QT = obs.compensate_columns(WT, U, block_size, quantize_column)  # [in, out]
     Q = QT.T.contiguous()  # [out, in]
     if group_size is None:
         grid = fixed[0]

@@ -253,6 +253,20 @@ class CodeBookLinear(torch.nn.Module):
                 f"double_quant={self.double_quant}")
 
 
+@torch.no_grad()
+def linear_from_weight(weight: torch.Tensor, bias: torch.Tensor | None = None,
+                       dtype: torch.dtype | None = None) -> torch.nn.Linear:
+    """A plain ``nn.Linear`` holding a copy of ``weight [out, in]`` (and ``bias [out]``), in ``dtype``
+    (default: the weight's), on the weight's device: what a converted, merged or pruned layer becomes."""
+    out_features, in_features = weight.shape
+    linear = torch.nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device,
+                             dtype=dtype or weight.dtype)
+    linear.weight.copy_(weight)
+    if bias is not None:
+        linear.bias.copy_(bias)
+    return linear
+
+
 def swap_linears(model: torch.nn.Module, replacements: dict[str, torch.nn.Module]) -> torch.nn.Module:
     """Put each module of ``replacements`` (by full name) in place of the layer of that name, in place.
     Build all replacements before calling this, so that an error while building leaves ``model`` untouched."""

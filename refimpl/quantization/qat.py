@@ -180,12 +180,9 @@ def convert_qat(model: nn.Module, pack: bool = False) -> nn.Module:
         raise ValueError("pack=True stores weights only; layers trained with a_bits quantize their inputs too")
     replacements = {}
     for name, m in layers.items():
-        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
-                           dtype=m.dtype)
         grid = m.qparams()
-        linear.weight.copy_(uniform.dequantize(uniform.quantize(m.weight, grid), grid, m.weight.shape))
-        if m.bias is not None:
-            linear.bias.copy_(m.bias)
+        linear = packed.linear_from_weight(uniform.dequantize(uniform.quantize(m.weight, grid), grid, m.weight.shape),
+                                           m.bias, m.dtype)
         if pack:
             replacements[name] = packed.QuantizedLinear.from_linear(linear, m.bits, m.symmetric, m.granularity,
                                                                     m.group_size, qparams=grid)

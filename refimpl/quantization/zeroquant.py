@@ -101,11 +101,11 @@ def layerwise_distill(model_fp: nn.Module, model_q: nn.Module, blocks: torch.Ten
     losses = []
     for fp_layer, q_layer, layer_pairs in zip(layers_fp, layers_q, pairs):
         with torch.no_grad():  # the teacher's outputs L_k(...L_1(X)): targets here, inputs of layer k + 1
-            targets = [calibration._hidden(fp_layer(hidden, **kwargs)) for hidden, kwargs in states]
+            targets = [calibration.layer_output(fp_layer(hidden, **kwargs)) for hidden, kwargs in states]
 
         def layer_mse() -> float:
             with torch.no_grad():
-                return sum(F.mse_loss(calibration._hidden(q_layer(h, **kw)), t, reduction="sum").item()
+                return sum(F.mse_loss(calibration.layer_output(q_layer(h, **kw)), t, reduction="sum").item()
                            for (h, kw), t in zip(states, targets)) / sum(t.numel() for t in targets)
 
         before = layer_mse()
@@ -120,7 +120,7 @@ def layerwise_distill(model_fp: nn.Module, model_q: nn.Module, blocks: torch.Ten
             optimizer = torch.optim.Adam(latents, lr=lr)
             for step in range(steps):
                 (hidden, kwargs), target = states[step % len(states)], targets[step % len(states)]
-                loss = F.mse_loss(calibration._hidden(q_layer(hidden, **kwargs)), target)
+                loss = F.mse_loss(calibration.layer_output(q_layer(hidden, **kwargs)), target)
                 grads = torch.autograd.grad(loss, latents)  # only the latents: no .grad left on the model
                 for latent, grad in zip(latents, grads):
                     latent.grad = grad
