@@ -1,0 +1,121 @@
+r"""A readable Llama decoder forward over a Hugging Face model's own weights, with an explicit KV cache.
+
+The Llama block (Touvron et al. 2023, arXiv:2302.13971, §2.2; SmolLM2 is one) is a pre-norm
+transformer layer with RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467), rotary position
+embeddings on queries and keys (:func:`refimpl.attention.kv_cache.apply_rope`), grouped-query
+attention (:mod:`refimpl.attention.gqa`) and a SiLU-gated MLP (SwiGLU; Shazeer 2020,
+arXiv:2002.05202):
+
+.. math::
+    \mathrm{RMSNorm}(x) = \frac{x}{\sqrt{\tfrac{1}{n}\sum_i x_i^2 + \epsilon}} \odot \gamma, \qquad
+    h = x + W_O\,\mathrm{Attn}\big(\mathrm{RMSNorm}(x)\big), \qquad
+    y = h + W_\text{down}\big(\mathrm{SiLU}(W_\text{gate}\, u) \odot W_\text{up}\, u\big),\ u = \mathrm{RMSNorm}(h).
+
+After the last layer a final RMSNorm and the output projection (tied to the embedding in SmolLM2)
+give the logits. :class:`Decoder` writes this out, reads every weight from the Hugging Face
+``LlamaForCausalLM`` it wraps (nothing is copied), and keeps keys and values in a
+:class:`refimpl.attention.kv_cache.ModelKVCache`, so a chapter can show each step: prefill a prompt,
+then decode one token at a time against the cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refimpl.attention.kv_cache import ModelKVCache, cached_attention, rope_frequencies
+from refimpl.evaluate import attention_shape
+
+
+def rope_theta(config: Any) -> float:
+    """The RoPE base of a Hugging Face config; raises ``ValueError`` for scaled RoPE variants
+    (``rope_scaling`` / ``rope_parameters`` with a ``rope_type`` other than ``"default"``)."""
+    # transformers >= 5 keeps rope_theta inside rope_parameters (rope_scaling is an alias of it);
+    # earlier versions have config.rope_theta and rope_scaling=None for plain RoPE.
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = parameters.get("rope_type", parameters.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"config.rope_scaling must be None (plain RoPE); rope_type {rope_type!r} is not "
+                         f"implemented here")
+    return float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """:math:`x / \\sqrt{\\mathrm{mean}(x^2) + \\epsilon} \\odot \\gamma` over the last dim, in float32."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class Decoder(nn.Module):
+    """A Llama forward pass written out, over the weights of a Hugging Face ``LlamaForCausalLM``.
+
+    Build it with :meth:`from_hf`; the model stays a submodule, so its parameters are shared, not
+    copied. Call it as ``decoder(input_ids, cache, positions)``.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        config = getattr(model, "config", None)
+        if getattr(config, "model_type", None) != "llama" or not hasattr(model, "lm_head"):
+            raise TypeError(f"model must be a Hugging Face LlamaForCausalLM, got {type(model).__name__}")
+        if config.hidden_act != "silu":
+            raise ValueError(f"config.hidden_act must be 'silu' (Llama's gated MLP), got {config.hidden_act!r}")
+        self.model = model
+        head_dim = attention_shape(config).head_dim
+        self.register_buffer("inv_freq", rope_frequencies(head_dim, rope_theta(config)).to(model.device),
+                             persistent=False)
+
+    @classmethod
+    def from_hf(cls, model: nn.Module) -> Decoder:
+        """The decoder over ``model``'s weights (``model`` is not modified)."""
+        return cls(model)
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, window: int | None = None,
+                  sinks: int = 0) -> ModelKVCache:
+        """An empty cache for every layer, on the model's device, in ``dtype`` (default: the model's)."""
+        return ModelKVCache.from_config(self.model.config, batch_size, max_len, dtype or self.model.dtype,
+                                        self.model.device, window, sinks)
+
+    def _attention(self, attn: nn.Module, x: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        shape = attention_shape(self.model.config)  # read each time: gqa.convert_kv_heads may change it
+        b, t, _ = x.shape
+        q = attn.q_proj(x).view(b, t, shape.n_heads, shape.head_dim).transpose(1, 2)  # [b, heads, t, d]
+        k = attn.k_proj(x).view(b, t, shape.n_kv_heads, shape.head_dim).transpose(1, 2)  # [b, kv_heads, t, d]
+        v = attn.v_proj(x).view(b, t, shape.n_kv_heads, shape.head_dim).transpose(1, 2)
+        out = cached_attention(q, k, v, positions, self.inv_freq, attn.scaling, cache)  # [b, heads, t, d]
+        return attn.o_proj(out.transpose(1, 2).reshape(b, t, shape.n_heads * shape.head_dim))  # [b, t, hidden]
+
+    def forward(self, input_ids: torch.Tensor, cache: ModelKVCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[batch, t, vocab]`` of ``input_ids [batch, t]``.
+
+        Args:
+            input_ids: the new tokens.
+            cache: from :meth:`new_cache`; the new tokens attend to the cached ones and are appended.
+                ``None``: the tokens attend causally among themselves only.
+            positions: ``LongTensor[t]``, the text positions of the new tokens (the same for every
+                sequence of the batch); default ``cache.length, cache.length + 1, ...`` (or ``0..t-1``).
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long or input_ids.dim() != 2:
+            raise TypeError("input_ids must be a LongTensor of shape [batch, t]")
+        config = self.model.config
+        if cache is not None and (not isinstance(cache, ModelKVCache) or len(cache) != config.num_hidden_layers):
+            raise TypeError(f"cache must be a ModelKVCache with {config.num_hidden_layers} layers (new_cache())")
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        elif not isinstance(positions, torch.Tensor) or positions.shape != (input_ids.shape[1],) \
+                or positions.dtype != torch.long:
+            raise ValueError(f"positions must be a LongTensor of shape [t={input_ids.shape[1]}]")
+        llama, eps = self.model.model, config.rms_norm_eps
+        h = llama.embed_tokens(input_ids)  # [b, t, hidden]
+        for i, layer in enumerate(llama.layers):
+            h = h + self._attention(layer.self_attn, rms_norm(h, layer.input_layernorm.weight, eps), positions,
+                                    cache[i] if cache is not None else None)
+            u = rms_norm(h, layer.post_attention_layernorm.weight, eps)
+            mlp = layer.mlp
+            h = h + mlp.down_proj(F.silu(mlp.gate_proj(u)) * mlp.up_proj(u))  # [b, t, hidden]
+        return self.model.lm_head(rms_norm(h, llama.norm.weight, eps))  # [b, t, vocab]
