@@ -1,2 +1,14 @@
-"""Knowledge distillation: the losses (:mod:`refimpl.distillation.losses`), shared with
-quantization-aware training, which distils a quantized student from its float teacher."""
+"""Knowledge distillation (chapter 06): train a small student to imitate a large teacher.
+
+- :mod:`refimpl.distillation.losses` — the token-level divergences between teacher and student
+  next-token distributions (forward KL of Hinton et al., reverse KL of MiniLLM, GKD's generalized JSD),
+  temperature, Hinton's mix with cross-entropy on hard labels, masks, and sparse (top-k) teachers for
+  offline distillation. Quantization-aware training (chapter 04) distils a quantized student from its
+  float teacher with the same losses.
+- :mod:`refimpl.distillation.student` — a student made from the teacher by keeping a subset of its
+  decoder layers (same tokenizer, copied weights, a config and KV cache that fit).
+- :mod:`refimpl.distillation.train` — one trainer on the shared loop of :mod:`refimpl.training` for
+  white-box distillation (online, or offline from stored top-k teacher probabilities), black-box
+  sequence-level distillation on teacher-generated text, and on-policy distillation on the student's
+  own samples (GKD); and trained students saved in refimpl's cache under a hash of their recipe.
+"""
