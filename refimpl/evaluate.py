@@ -52,8 +52,8 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Measure in eval mode (no dropout), then give the model back in the mode it came in."""
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (no dropout) inside the block, then back in the mode it came in."""
     was_training = model.training
     model.eval()
     try:
@@ -101,7 +101,7 @@ def block_nll(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8)
                          f"[{blocks.min().item()}, {blocks.max().item()}]")
     nll = []
     batches = blocks.split(batch_size)
-    with _eval_mode(model):
+    with eval_mode(model):
         for batch in progress(batches, desc="perplexity", total=len(batches)):
             batch = batch.to(device)  # [b, L]
             logits = model(batch).logits  # [b, L, vocab]
@@ -268,7 +268,7 @@ def prefill_latency(model: torch.nn.Module, input_ids: torch.Tensor, repeats: in
     _check_blocks(input_ids, min_len=1)
     device = _model_device(model)
     ids = input_ids.to(device)
-    with _eval_mode(model):
+    with eval_mode(model):
         times = _timed(lambda _: model(ids, use_cache=True), device, repeats, warmup, "prefill")
     return Timing(times, tokens=ids.numel())
 
@@ -297,7 +297,7 @@ def decode_latency(
             out = model(token, past_key_values=cache, use_cache=True)  # one new token per sequence
             token, cache = out.logits[:, -1:].argmax(-1), out.past_key_values
 
-    with _eval_mode(model):
+    with eval_mode(model):
         times = _timed(decode, device, repeats, warmup, "decode", prepare=prefill)
     return Timing(times, tokens=n_tokens * ids.shape[0])
 

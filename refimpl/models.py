@@ -16,12 +16,13 @@ blocks reproduces the weights exactly. Chapters use groups of 64, per-channel sc
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -231,3 +232,29 @@ def gguf_tensor_types(alias: str = "smollm2-135m") -> dict[str, str]:
 
     reader = GGUFReader(gguf_path(alias))
     return {t.name: t.tensor_type.name for t in reader.tensors}
+
+
+@contextlib.contextmanager
+def attention_implementation(model: Any, name: str, attention_fn: Callable[..., Any],
+                             mask_fn: Callable[..., Any] | None = None) -> Iterator[Any]:
+    """Within the block the Hugging Face ``model`` computes attention with ``attention_fn`` (the
+    ``AttentionInterface`` signature), registered under ``name`` — with ``mask_fn`` as its mask builder
+    if given — so that other models keep theirs; on exit, also on an exception, the model's previous
+    attention implementation is back. How chapters swap in a from-scratch attention (FlashAttention,
+    a quantized KV cache) without touching the model's code."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
+        raise TypeError(f"model must be a Hugging Face PreTrainedModel, got {type(model).__name__}")
+    previous = model.config._attn_implementation
+    AttentionInterface.register(name, attention_fn)
+    if mask_fn is not None:
+        AttentionMaskInterface.register(name, mask_fn)
+    try:
+        model.set_attn_implementation(name)
+        if model.config._attn_implementation != name:
+            raise TypeError(f"model {type(model).__name__} does not dispatch attention through AttentionInterface")
+        yield model
+    finally:
+        model.set_attn_implementation(previous)

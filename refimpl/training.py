@@ -148,7 +148,9 @@ def train(model: torch.nn.Module, batches: Sequence[Any], loss_fn: Callable[[tor
 
 def next_token_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """The language-modelling loss of a Hugging Face causal LM on token ids ``batch [b, seq_len]``: the
-    mean cross-entropy of predicting every token from the ones before it (fine-tuning, recovery)."""
+    mean cross-entropy of predicting every token from the ones before it (fine-tuning, recovery); the
+    batch is moved to the model's device."""
+    batch = batch.to(next(model.parameters()).device)
     return model(batch, labels=batch).loss
 
 

@@ -108,7 +108,7 @@ def test_spec():
 
 @pytest.mark.parametrize("keep, message", [
     ([], "keep must be a non-empty sequence"),
-    ([0, 5], r"keep must hold non-negative layer indices, below the teacher's 5 layers"),
+    ([0, 5], r"keep must hold non-negative layer indices, below the model's 5 layers"),
     ([-1, 2], "keep must hold non-negative"),
     ([0, 2, 2], "keep must be strictly increasing"),
     ([3, 1], "keep must be strictly increasing"),

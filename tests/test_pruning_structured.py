@@ -129,7 +129,45 @@ def test_activation_importance_block_influence_and_wanda_sums(gqa_llama):
         hidden = gqa_llama(BLOCKS, output_hidden_states=True).hidden_states  # input of every layer (last is normed)
     cosine = torch.cosine_similarity(hidden[0], hidden[1], dim=-1).mean()
     assert torch.allclose(importance.layers[0], 1 - cosine, atol=1e-5)
-    assert (importance.kv_heads == 0).all() and importance.heads.shape == (3, 6) and (importance.channels > 0).all()
+    assert (importance.kv_heads == 0).all() and importance.heads.shape == (3, 6)
+
+    inputs = {}
+    layer = gqa_llama.model.layers[1]
+    def record(module, args, key):  # returns None: the layer's input is left as it is
+        inputs[key] = args[0].reshape(-1, args[0].shape[-1])
+
+    hooks = [getattr(layer, part).get_submodule(name).register_forward_pre_hook(
+        lambda module, args, key=name: record(module, args, key))
+        for part, name in (("self_attn", "o_proj"), ("mlp", "down_proj"))]
+    with torch.no_grad():
+        gqa_llama(BLOCKS)
+    for hook in hooks:
+        hook.remove()
+    def wanda_sums(weight, x):  # |W_ij| ||X_j||_2 summed over the rows: one score per input column
+        return (weight.abs() * x.norm(dim=0)).sum(dim=0)
+    head_scores = wanda_sums(layer.self_attn.o_proj.weight, inputs["o_proj"]).reshape(6, 8).sum(dim=1)
+    assert torch.allclose(importance.heads[1], head_scores, rtol=1e-4)
+    assert torch.allclose(importance.channels[1], wanda_sums(layer.mlp.down_proj.weight, inputs["down_proj"]), rtol=1e-4)
+
+
+@pytest.mark.parametrize("keep, match", [([], "non-empty"), ([0, 0], "strictly increasing"), ([2, 1], "strictly"),
+                                         ([0, 3], "below the model's 3 layers"), ([0.5], "ints"), ("01", "sequence")])
+def test_keep_layers_rejects_bad_indices(gqa_llama, keep, match):
+    with pytest.raises(ValueError, match=match):
+        structured.keep_layers(gqa_llama, keep)
+    assert len(gqa_llama.model.layers) == 3 and gqa_llama.config.num_hidden_layers == 3
+
+
+@pytest.mark.parametrize("blocks, batch_size, error", [(torch.zeros(0, 8, dtype=torch.long), 2, ValueError),
+                                                       (torch.rand(2, 8), 2, TypeError),
+                                                       (BLOCKS, 0, ValueError)])
+def test_importance_and_recovery_reject_bad_blocks(gqa_llama, blocks, batch_size, error):
+    for call in (lambda: structured.taylor_importance(gqa_llama, blocks, batch_size),
+                 lambda: structured.activation_importance(gqa_llama, blocks, batch_size),
+                 lambda: structured.recover(gqa_llama, blocks, TrainConfig(steps=1), batch_size=batch_size)):
+        with pytest.raises(error):
+            call()
+    assert not any(isinstance(m, lora.LoRALinear) for m in gqa_llama.modules())
 
 
 @pytest.mark.parametrize("kwargs, match", [

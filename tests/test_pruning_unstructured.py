@@ -63,11 +63,51 @@ def test_bad_sparsity_is_rejected(sparsity):
         masks.unstructured_mask(torch.rand(2, 8), sparsity)
 
 
-@pytest.mark.parametrize("nm, match", [((3, 2), "must not exceed"), ((0, 4), "N"), ((2, 3), "divide"),
+@pytest.mark.parametrize("nm, match", [((3, 2), "must not exceed"), ((0, 4), r"nm\[0\]"), ((2, 3), "divide"),
                                        ([2, 4], "tuple"), ((2,), "tuple")])
 def test_bad_nm_is_rejected(nm, match):
     with pytest.raises(ValueError, match=match):
         masks.nm_mask(torch.rand(2, 8), nm)
+
+
+def test_keep_highest_rejects_bad_counts():
+    for n_remove in (-1, 9, 1.5):
+        with pytest.raises(ValueError, match="n_remove"):
+            masks.keep_highest(torch.rand(2, 8), n_remove)
+
+
+@pytest.mark.parametrize("prune", [
+    lambda m, **kw: magnitude.prune_model_magnitude(m, **kw),
+    lambda m, **kw: wanda.prune_model_wanda(m, torch.randint(0, 128, (1, 8)), **kw),
+    lambda m, **kw: sparsegpt.prune_model_sparsegpt(m, torch.randint(0, 128, (1, 8)), **kw),
+], ids=["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sparsity=-0.1), "sparsity"), (dict(sparsity=1.0), "sparsity"), (dict(sparsity=float("nan")), "sparsity"),
+    (dict(sparsity="0.5"), "sparsity"), (dict(sparsity=0.5, nm=(4, 2)), "must not exceed"),
+    (dict(sparsity=0.5, nm=(2, 5)), "divide"),
+])
+def test_model_pruning_rejects_bad_arguments_and_leaves_the_model_alone(tiny_llama, prune, kwargs, match):
+    before = copy.deepcopy(tiny_llama.state_dict())
+    with pytest.raises(ValueError, match=match):
+        prune(tiny_llama, **kwargs)
+    assert all(torch.equal(t, before[name]) for name, t in tiny_llama.state_dict().items())
+
+
+def test_model_wanda_and_sparsegpt_reject_bad_calibration_arguments(tiny_llama):
+    blocks = torch.randint(0, 128, (1, 8))
+    before = copy.deepcopy(tiny_llama.state_dict())
+    with pytest.raises(ValueError, match="scope"):
+        wanda.prune_model_wanda(tiny_llama, blocks, 0.5, scope="global")
+    for prune in (wanda.prune_model_wanda, sparsegpt.prune_model_sparsegpt):
+        with pytest.raises(ValueError, match="exactly one"):
+            prune(tiny_llama, None, 0.5)
+        with pytest.raises(ValueError, match="exactly one"):
+            prune(tiny_llama, blocks, 0.5, statistics=calibration.input_statistics(tiny_llama, blocks))
+    with pytest.raises(ValueError, match="damp"):
+        sparsegpt.prune_model_sparsegpt(tiny_llama, blocks, 0.5, damp=0.0)
+    with pytest.raises(ValueError, match="block_size"):
+        sparsegpt.prune_model_sparsegpt(tiny_llama, blocks, 0.5, block_size=0)
+    assert all(torch.equal(t, before[name]) for name, t in tiny_llama.state_dict().items())
 
 
 def test_bad_scores_and_scope_are_rejected():
@@ -112,14 +152,17 @@ def test_global_magnitude_uses_one_threshold_and_breaks_ties_exactly(tiny_llama)
     assert masks.sparsity_of(tiny_llama) == pytest.approx(0.5, abs=1e-6)
 
 
-def test_magnitude_nm_pattern_and_pruned_weights_stay_zero(tiny_llama):
+def test_magnitude_nm_keeps_exactly_the_n_largest_of_every_m(tiny_llama):
+    dense = copy.deepcopy(tiny_llama)
     magnitude.prune_model_magnitude(tiny_llama, 0.0, nm=(2, 4))
-    for m in masks.decoder_linears(tiny_llama).values():
-        assert ((m.weight.reshape(m.out_features, -1, 4) != 0).sum(dim=2) <= 2).all()
-    zeros = {name: m.weight == 0 for name, m in masks.decoder_linears(tiny_llama).items()}
-    magnitude.prune_model_magnitude(tiny_llama, 0.7)  # more pruning keeps the earlier zeros
-    for name, m in masks.decoder_linears(tiny_llama).items():
-        assert (m.weight[zeros[name]] == 0).all()
+    for (name, m), original in zip(masks.decoder_linears(tiny_llama).items(), masks.decoder_linears(dense).values()):
+        groups = m.weight.reshape(m.out_features, -1, 4)
+        kept = groups != 0
+        assert (kept.sum(dim=2) == 2).all(), name
+        magnitudes = original.weight.abs().reshape(m.out_features, -1, 4)
+        assert (torch.where(kept, magnitudes, torch.inf).amin(dim=2)
+                >= torch.where(kept, -torch.inf, magnitudes).amax(dim=2)).all()
+        assert torch.equal(m.weight[kept.reshape(m.weight.shape)], original.weight[kept.reshape(m.weight.shape)])
 
 
 def test_magnitude_checks_before_changing_the_model(tiny_llama):
@@ -244,6 +287,8 @@ def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude():
     (dict(nm=(2, 4), block_size=6), "multiple of M"),
     (dict(segments=[3, 3]), "segments"),
     (dict(damp=1.0), "damp"),
+    (dict(damp=0.0), "damp"),
+    (dict(hessian_matrix=torch.full((16, 16), float("nan"))), "NaN"),
     (dict(block_size=0), "block_size"),
     (dict(sparsity=1.0), "sparsity"),
 ])

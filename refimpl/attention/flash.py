@@ -48,6 +48,7 @@ from typing import Any, Iterator
 import torch
 
 from refimpl._validation import check_positive_int
+from refimpl.models import attention_implementation
 
 # --- the tiled forward ----------------------------------------------------------------------------
 
@@ -220,21 +221,11 @@ def use_flash_attention(model: Any, block_q: int = 64, block_k: int = 64) -> Ite
     (and raises ``ValueError``: padding is not supported) instead of being dropped. Unpadded batches,
     as in :func:`refimpl.evaluate.perplexity`, and decoding with the model's cache work.
     """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import sdpa_mask
 
     check_positive_int("block_q", block_q)
     check_positive_int("block_k", block_k)
-    if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
-        raise TypeError(f"model must be a Hugging Face PreTrainedModel, got {type(model).__name__}")
-    previous = model.config._attn_implementation
     name = f"refimpl_tiled_q{block_q}_k{block_k}"  # a name with "flash" would select HF's kernel loader
-    AttentionInterface.register(name, functools.partial(_hf_flash_attention, block_q=block_q, block_k=block_k))
-    AttentionMaskInterface.register(name, sdpa_mask)
-    try:
-        model.set_attn_implementation(name)
-        if model.config._attn_implementation != name:
-            raise TypeError(f"model {type(model).__name__} does not dispatch attention through AttentionInterface")
+    attention_fn = functools.partial(_hf_flash_attention, block_q=block_q, block_k=block_k)
+    with attention_implementation(model, name, attention_fn, mask_fn=sdpa_mask):
         yield model
-    finally:
-        model.set_attn_implementation(previous)

@@ -40,21 +40,6 @@ def evenly_spaced(n_teacher_layers: int, n_layers: int) -> tuple[int, ...]:
     return tuple(round(i * (n_teacher_layers - 1) / (n_layers - 1)) for i in range(n_layers))
 
 
-def check_keep(keep: Sequence[int], n_teacher_layers: int | None = None) -> tuple[int, ...]:
-    """``keep`` as a tuple after checking that it is a non-empty, strictly increasing sequence of layer
-    indices in ``[0, n_teacher_layers)`` (non-negative when ``n_teacher_layers`` is None)."""
-    if isinstance(keep, (str, bytes)) or not isinstance(keep, Sequence) or len(keep) == 0:
-        raise ValueError(f"keep must be a non-empty sequence of layer indices, got {keep!r}")
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in keep):
-        raise ValueError(f"keep must hold ints, got {list(keep)!r}")
-    if min(keep) < 0 or (n_teacher_layers is not None and max(keep) >= n_teacher_layers):
-        bound = "" if n_teacher_layers is None else f", below the teacher's {n_teacher_layers} layers"
-        raise ValueError(f"keep must hold non-negative layer indices{bound}, got {list(keep)}")
-    if any(a >= b for a, b in zip(keep, keep[1:])):
-        raise ValueError(f"keep must be strictly increasing (sorted, no duplicates), got {list(keep)}")
-    return tuple(keep)
-
-
 @dataclass(frozen=True)
 class StudentSpec:
     """What a layer-subset student is: the teacher it comes from (its :func:`refimpl.models.load_model`
@@ -66,7 +51,7 @@ class StudentSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.teacher, str) or not self.teacher:
             raise ValueError(f"teacher must be a non-empty str naming the teacher, got {self.teacher!r}")
-        object.__setattr__(self, "keep", check_keep(self.keep))  # a list given as keep becomes a tuple
+        object.__setattr__(self, "keep", structured.check_layer_indices(self.keep))  # a list given as keep becomes a tuple
 
     @classmethod
     def evenly_spaced(cls, teacher: str, n_teacher_layers: int, n_layers: int) -> "StudentSpec":
@@ -96,7 +81,7 @@ def layer_subset_student(teacher: "PreTrainedModel", keep: Sequence[int] | None 
     n_teacher = len(calibration.decoder_layers(teacher))
     if (keep is None) == (n_layers is None):
         raise ValueError("give exactly one of keep (layer indices) and n_layers (a count)")
-    keep = evenly_spaced(n_teacher, n_layers) if keep is None else check_keep(keep, n_teacher)
+    keep = evenly_spaced(n_teacher, n_layers) if keep is None else structured.check_layer_indices(keep, n_teacher)
     student = structured.keep_layers(copy.deepcopy(teacher), keep)  # depth pruning of a copy
     student.requires_grad_(True)
     return student.eval()

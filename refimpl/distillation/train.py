@@ -41,7 +41,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,7 @@ from refimpl._validation import check_choice, check_non_negative_int, check_posi
 from refimpl.distillation import losses
 from refimpl.distillation.losses import IGNORE_INDEX, SparseTeacher
 from refimpl.distillation.student import StudentSpec, layer_subset_student
+from refimpl.evaluate import eval_mode
 from refimpl.runtime import cache_dir
 from refimpl.training import TrainConfig, TrainLog, train
 
@@ -64,17 +65,6 @@ DEFAULT_LOSS = {"online": "forward_kl", "offline": "forward_kl", "sequence": Non
 #: The keyword arguments of :func:`distill` that only some modes use.
 MODE_OPTIONS = {"top_k": ("offline",), "max_new_tokens": ("sequence",), "prompt_len": ("on_policy",),
                 "student_fraction": ("on_policy",), "sample_temperature": ("on_policy",)}
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode inside the block, its previous mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -118,7 +108,7 @@ def teacher_topk(teacher: nn.Module, blocks: torch.Tensor, k: int, temperature: 
         raise ValueError(f"k must be at most the vocabulary size {teacher.config.vocab_size}, got {k}")
     device = _device(teacher)
     parts = []
-    with _eval_mode(teacher):
+    with eval_mode(teacher):
         for batch in blocks.split(batch_size):
             logits = teacher(batch.to(device)).logits  # [b, seq_len, vocab]
             parts.append(SparseTeacher.from_logits(logits, k, temperature).to("cpu"))
@@ -176,7 +166,7 @@ def generate_continuations(model: nn.Module, prompts: torch.Tensor, max_new_toke
     prompt_len, total = prompts.shape[1], prompts.shape[1] + max_new_tokens
     rng_devices = [device] if device.type == "cuda" else []
     sequences = []
-    with _eval_mode(model), torch.random.fork_rng(devices=rng_devices, device_type=device.type):
+    with eval_mode(model), torch.random.fork_rng(devices=rng_devices, device_type=device.type):
         torch.manual_seed(seed)
         for batch in prompts.split(batch_size):
             batch = batch.to(device)
@@ -350,7 +340,7 @@ def distill(student: nn.Module, teacher: nn.Module | SparseTeacher, data: torch.
             return losses.distillation_loss(model(tokens).logits, teacher_logits, next_token_labels(tokens, generated),
                                             loss, 1.0, temperature, beta)
 
-    with contextlib.nullcontext() if isinstance(teacher, SparseTeacher) else _eval_mode(teacher):
+    with contextlib.nullcontext() if isinstance(teacher, SparseTeacher) else eval_mode(teacher):
         return train(student, batches, loss_fn, config, desc=desc or f"distil ({mode})")
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from refimpl import calibration
-from refimpl._validation import check_positive_int
+from refimpl._validation import check_non_negative_int, check_positive_int
 
 
 def check_sparsity(sparsity: float) -> None:
@@ -58,6 +58,10 @@ def keep_highest(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
     """Keep mask over the last dim of ``scores [..., k]``: the ``n_remove`` lowest of every row removed,
     ties in position order (the mask a stable sort gives), in linear time: every score below the row's
     ``n_remove``-th smallest, then as many of the scores equal to it as the row still needs."""
+    check_non_negative_int("n_remove", n_remove)
+    if scores.dim() == 0 or n_remove > scores.shape[-1]:
+        raise ValueError(f"n_remove ({n_remove}) cannot exceed the {scores.shape[-1] if scores.dim() else 0} "
+                         "scores of a row")
     if n_remove == 0:
         return torch.ones_like(scores, dtype=torch.bool)
     threshold = scores.kthvalue(n_remove, dim=-1, keepdim=True).values  # [..., 1]

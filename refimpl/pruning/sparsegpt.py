@@ -34,6 +34,13 @@ from refimpl._validation import check_positive_int
 from refimpl.pruning import masks
 
 
+def _check_loop(nm: tuple[int, int] | None, block_size: int, damp: float) -> None:
+    check_positive_int("block_size", block_size)
+    if nm is not None and block_size % nm[1]:
+        raise ValueError(f"block_size ({block_size}) must be a multiple of M ({nm[1]})")
+    obs.check_damp(damp)
+
+
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, hessian_matrix: torch.Tensor, sparsity: float,
                     nm: tuple[int, int] | None = None, block_size: int = 128, damp: float = 0.01,
@@ -46,26 +53,18 @@ def sparsegpt_prune(weight: torch.Tensor, hessian_matrix: torch.Tensor, sparsity
         sparsity: fraction of weights removed, in [0, 1) (ignored with ``nm``).
         nm: ``(N, M)``: keep N of every M consecutive weights of a row; M must divide ``block_size``.
         block_size: columns per lazy update and per mask selection (Alg. 1's :math:`B = B_s`).
-        damp: dampening :math:`\\lambda`, as a fraction of the mean diagonal of :math:`H`.
+        damp: dampening :math:`\\lambda` in (0, 1), as a fraction of the mean diagonal of :math:`H`.
         segments: row counts of layers stacked in ``weight`` that share ``H`` (e.g. q, k, v): each
             segment's rows are compared only among themselves, so each layer gets ``sparsity``.
 
     Returns:
         the pruned and reconstructed weight ``[out, in]`` (float32); its zeros are the mask.
     """
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError("weight must be a 2-D floating-point tensor [out_features, in_features]")
-    if not torch.isfinite(weight).all():
-        raise ValueError("weight holds NaN or Inf values")
+    obs.check_weight_and_hessian(weight, hessian_matrix)
     n_out, n_in = weight.shape
-    if not isinstance(hessian_matrix, torch.Tensor) or hessian_matrix.shape != (n_in, n_in):
-        raise ValueError(f"hessian_matrix must be a [{n_in}, {n_in}] tensor for a weight with {n_in} inputs")
     masks.check_sparsity(sparsity)
     masks.check_pattern(nm, n_in)
-    check_positive_int("block_size", block_size)
-    if nm is not None and block_size % nm[1]:
-        raise ValueError(f"block_size ({block_size}) must be a multiple of M ({nm[1]})")
-    obs.check_damp(damp)
+    _check_loop(nm, block_size, damp)
     segments = [n_out] if segments is None else list(segments)
     if any(not isinstance(s, int) or s < 1 for s in segments) or sum(segments) != n_out:
         raise ValueError(f"segments must be positive row counts summing to out_features ({n_out}), got {segments}")
@@ -105,11 +104,12 @@ def prune_model_sparsegpt(model: torch.nn.Module, blocks: torch.Tensor | None, s
     gate, up) share its Hessian and are pruned in one column loop, each to its own ``sparsity``.
 
     Returns:
-        ``model``, its pruned weights zero and the remaining ones reconstructed.
+        ``model``, its pruned weights zero and the remaining ones reconstructed. Arguments are checked
+        before the first layer changes; only a numerical failure (a Hessian that dampening cannot make
+        positive definite, ``ValueError``) could stop it half-way.
     """
     masks.check_model(model, sparsity, nm)
-    if nm is not None and block_size % nm[1]:
-        raise ValueError(f"block_size ({block_size}) must be a multiple of M ({nm[1]})")
+    _check_loop(nm, block_size, damp)
     for _, _, linears, stats in calibration.statistics_by_layer(model, blocks, statistics, batch_size):
         for members in calibration.shared_input_sets(stats):
             weights = [linears[name].weight for name in members]

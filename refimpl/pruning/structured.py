@@ -40,7 +40,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from refimpl import calibration, lora, training
+from refimpl import calibration, evaluate, lora, training
 from refimpl._validation import check_positive_int
 from refimpl.quantization import packed
 
@@ -68,8 +68,8 @@ def _attention_shape(model: nn.Module) -> tuple[int, int, int]:
     return n_heads, n_kv, head_dim
 
 
-def _per_structure(layer: nn.Module, per_weight: dict[str, torch.Tensor], n_heads: int, n_kv: int,
-                   head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _per_structure(layer: nn.Module, per_weight: dict[str, torch.Tensor], n_heads: int,
+                   n_kv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum per-weight scores ``[out, in]`` (by linear name within ``layer``) over each query head,
     key-value group and MLP channel: ``([n_heads], [n_kv], [intermediate])``."""
     def rows(name: str, n: int) -> torch.Tensor:  # [out, in] -> [n]: sums over blocks of out rows
@@ -101,11 +101,11 @@ def taylor_importance(model: nn.Module, blocks: torch.Tensor, batch_size: int = 
 
     The gradient of the mean next-token loss over ``blocks`` (``LongTensor [n, seq_len]``) is accumulated
     batch by batch; each weight's :math:`|g \\cdot w|` is summed over the structures it belongs to, and a
-    layer's score is the sum over all its weights. ``model`` is unchanged (its gradients and
-    ``requires_grad`` flags are restored)."""
+    layer's score is the sum over all its weights. The weights and ``requires_grad`` flags of ``model``
+    are unchanged; its ``.grad`` tensors are cleared. Scores come back on the CPU."""
     calibration.check_blocks(blocks, batch_size)
     layers = _check_layers(model)
-    n_heads, n_kv, head_dim = _attention_shape(model)
+    n_heads, n_kv, _ = _attention_shape(model)
     flags = {p: p.requires_grad for p in model.parameters()}
     weights = {(i, name): m.weight for i, layer in enumerate(layers) for name, m in layer.named_modules()
                if isinstance(m, nn.Linear)}
@@ -124,14 +124,14 @@ def taylor_importance(model: nn.Module, blocks: torch.Tensor, batch_size: int = 
         per_layer = []
         for i, layer in enumerate(layers):
             scores = {name: (w.grad * w).abs().float() for (j, name), w in weights.items() if j == i}
-            heads, kv_heads, channels = _per_structure(layer, scores, n_heads, n_kv, head_dim)
+            heads, kv_heads, channels = _per_structure(layer, scores, n_heads, n_kv)
             per_layer.append((heads, kv_heads, channels, sum(s.sum() for s in scores.values())))
     finally:
         for p, flag in flags.items():
             p.grad = None
             p.requires_grad_(flag)
         model.train(was_training)
-    return Importance(*(torch.stack([row[k] for row in per_layer]).detach() for k in range(4)))
+    return Importance(*(torch.stack([row[k] for row in per_layer]).detach().cpu() for k in range(4)))
 
 
 @torch.no_grad()
@@ -139,45 +139,46 @@ def activation_importance(model: nn.Module, blocks: torch.Tensor, batch_size: in
     """Gradient-free importance from one forward pass over ``blocks``: heads and channels by the Wanda
     scores :math:`|W_{ij}|\\,\\lVert X_j \\rVert_2` of the ``o_proj``/``down_proj`` columns they own,
     key-value groups 0 (scored through their heads), layers by block influence
-    :math:`1 - \\mathbb{E}_t \\cos(x_{\\ell,t}, x_{\\ell+1,t})` (ShortGPT Eq. 1)."""
+    :math:`1 - \\mathbb{E}_t \\cos(x_{\\ell,t}, x_{\\ell+1,t})` (ShortGPT Eq. 1). Scores come back on the CPU."""
     calibration.check_blocks(blocks, batch_size)
     layers = _check_layers(model)
     n_heads, n_kv, head_dim = _attention_shape(model)
     squares = {(i, name): 0.0 for i in range(len(layers)) for name in ("self_attn.o_proj", "mlp.down_proj")}
-    cosines = torch.zeros(len(layers))
+    cosines = [0.0] * len(layers)
     handles = []
 
     def record_input(key):
         def hook(module, args):  # sum over tokens of x_j^2, [in]
-            squares[key] = squares[key] + args[0].float().reshape(-1, args[0].shape[-1]).pow(2).sum(dim=0)
+            squares[key] = squares[key] + args[0].float().reshape(-1, args[0].shape[-1]).pow(2).sum(dim=0).cpu()
         return hook
 
     def record_influence(i):
-        def hook(module, args, output):  # cosine of every token's hidden state before and after the layer
-            cosines[i] += torch.cosine_similarity(args[0].float(), calibration.layer_output(output).float(), dim=-1).sum()
+        def hook(module, args, kwargs, output):  # cosine of every token's hidden state before and after the layer
+            hidden = args[0] if args else kwargs["hidden_states"]
+            similarity = torch.cosine_similarity(hidden.float(), calibration.layer_output(output).float(), dim=-1)
+            cosines[i] += similarity.sum().item()
         return hook
 
     for i, layer in enumerate(layers):
         for name in ("self_attn.o_proj", "mlp.down_proj"):
             handles.append(layer.get_submodule(name).register_forward_pre_hook(record_input((i, name))))
-        handles.append(layer.register_forward_hook(record_influence(i)))
-    was_training = model.training
+        handles.append(layer.register_forward_hook(record_influence(i), with_kwargs=True))
+    device = next(model.parameters()).device
     try:
-        model.eval()
-        for batch in blocks.split(batch_size):
-            model(batch)
+        with evaluate.eval_mode(model):
+            for batch in blocks.split(batch_size):
+                model(batch.to(device))
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     heads, channels = [], []
     for i, layer in enumerate(layers):
-        o_proj, down_proj = layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight
+        o_proj, down_proj = layer.self_attn.o_proj.weight.cpu(), layer.mlp.down_proj.weight.cpu()
         o_scores = o_proj.abs().float().sum(dim=0) * squares[(i, "self_attn.o_proj")].sqrt()  # [n_heads * head_dim]
         heads.append(o_scores.reshape(n_heads, head_dim).sum(dim=1))
         channels.append(down_proj.abs().float().sum(dim=0) * squares[(i, "mlp.down_proj")].sqrt())  # [intermediate]
     return Importance(torch.stack(heads), torch.zeros(len(layers), n_kv), torch.stack(channels),
-                      1 - cosines / blocks.numel())
+                      1 - torch.tensor(cosines) / blocks.numel())
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -220,6 +221,8 @@ def prune_structured(model: nn.Module, importance: Importance, intermediate_size
         if tuple(getattr(importance, name).shape) != shape:
             raise ValueError(f"importance.{name} has shape {tuple(getattr(importance, name).shape)}, "
                              f"the model needs {shape}: score the model you prune")
+    importance = Importance(*(t.detach().cpu() for t in (importance.heads, importance.kv_heads, importance.channels,
+                                                         importance.layers)))
     _check_count("intermediate_size", intermediate_size, intermediate)
     _check_count("heads_per_group", heads_per_group, n_heads // n_kv)
     _check_count("n_kv_heads", n_kv_heads, n_kv)
@@ -228,9 +231,10 @@ def prune_structured(model: nn.Module, importance: Importance, intermediate_size
     keep_per_group = n_heads // n_kv if heads_per_group is None else heads_per_group
 
     def select(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
-        weight = linear.weight if rows is None else linear.weight[rows]  # [out', in]
-        weight = weight if cols is None else weight[:, cols]  # [out', in']
-        bias = None if linear.bias is None else (linear.bias if rows is None else linear.bias[rows])
+        device = linear.weight.device
+        weight = linear.weight if rows is None else linear.weight[rows.to(device)]  # [out', in]
+        weight = weight if cols is None else weight[:, cols.to(device)]  # [out', in']
+        bias = None if linear.bias is None else (linear.bias if rows is None else linear.bias[rows.to(device)])
         return packed.linear_from_weight(weight, bias)
 
     def head_rows(heads: torch.Tensor) -> torch.Tensor:  # head indices -> their rows (or columns), [k * head_dim]
@@ -264,6 +268,21 @@ def prune_structured(model: nn.Module, importance: Importance, intermediate_size
     return keep_layers(model, _top(importance.layers, len(layers) if n_layers is None else n_layers).tolist())
 
 
+def check_layer_indices(keep: Sequence[int], n_layers: int | None = None) -> tuple[int, ...]:
+    """``keep`` as a tuple after checking that it is a non-empty, strictly increasing sequence of layer
+    indices in ``[0, n_layers)`` (non-negative when ``n_layers`` is None)."""
+    if isinstance(keep, (str, bytes)) or not isinstance(keep, Sequence) or len(keep) == 0:
+        raise ValueError(f"keep must be a non-empty sequence of layer indices, got {keep!r}")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in keep):
+        raise ValueError(f"keep must hold ints, got {list(keep)!r}")
+    if min(keep) < 0 or (n_layers is not None and max(keep) >= n_layers):
+        bound = "" if n_layers is None else f", below the model's {n_layers} layers"
+        raise ValueError(f"keep must hold non-negative layer indices{bound}, got {list(keep)}")
+    if any(a >= b for a, b in zip(keep, keep[1:])):
+        raise ValueError(f"keep must be strictly increasing (sorted, no duplicates), got {list(keep)}")
+    return tuple(keep)
+
+
 def keep_layers(model: nn.Module, keep: Sequence[int]) -> nn.Module:
     """Keep only the decoder layers ``keep`` (strictly increasing indices), in place: depth pruning,
     and the start of a layer-subset student (:mod:`refimpl.distillation.student`). Every module with a
@@ -274,11 +293,7 @@ def keep_layers(model: nn.Module, keep: Sequence[int]) -> nn.Module:
         ``model``.
     """
     layers = calibration.decoder_layers(model)
-    if isinstance(keep, (str, bytes)) or not isinstance(keep, Sequence) or len(keep) == 0 \
-            or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep):
-        raise ValueError(f"keep must be a non-empty sequence of layer indices, got {keep!r}")
-    if min(keep) < 0 or max(keep) >= len(layers) or any(a >= b for a, b in zip(keep, keep[1:])):
-        raise ValueError(f"keep must be strictly increasing layer indices in [0, {len(layers)}), got {list(keep)}")
+    keep = check_layer_indices(keep, len(layers))
     model.model.layers = nn.ModuleList(layers[i] for i in keep)
     for new_index, layer in enumerate(model.model.layers):
         for module in layer.modules():

@@ -65,7 +65,7 @@ def gptq_quantize(
         bits, symmetric: the uniform grid (2-8 bits; absmax or zero-point).
         group_size: inputs per scale; ``None`` for one scale per output channel.
         block_size: columns per lazy batch update (Alg. 1's :math:`B`).
-        damp: dampening :math:`\\lambda`, as a fraction of the mean diagonal of :math:`H`.
+        damp: dampening :math:`\\lambda` in (0, 1), as a fraction of the mean diagonal of :math:`H`.
         act_order: quantize columns by decreasing :math:`H_{qq}`.
 
     Returns:
@@ -73,13 +73,8 @@ def gptq_quantize(
         quantized model computes with) and the grid it lies on (float16-representable scales), from
         which :meth:`refimpl.quantization.packed.QuantizedLinear.from_linear` reads off its codes.
     """
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError("weight must be a 2-D floating-point tensor [out_features, in_features]")
-    if not torch.isfinite(weight).all():
-        raise ValueError("weight holds NaN or Inf values")
+    obs.check_weight_and_hessian(weight, hessian_matrix)
     n_in = weight.shape[1]
-    if not isinstance(hessian_matrix, torch.Tensor) or hessian_matrix.shape != (n_in, n_in):
-        raise ValueError(f"hessian_matrix must be a [{n_in}, {n_in}] tensor for a weight with {n_in} inputs")
     uniform.check_bits(bits)
     if group_size is not None:
         check_positive_int("group_size", group_size)

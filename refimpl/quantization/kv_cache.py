@@ -37,6 +37,7 @@ from typing import Any, Iterator
 
 import torch
 
+from refimpl import models
 from refimpl._validation import check_non_negative_int, check_positive_int
 from refimpl.quantization import packed, uniform
 from refimpl.quantization.activation import straight_through
@@ -135,7 +136,6 @@ def kv_quantization(model: Any, bits: int, key_group_size: int = 32, residual: i
     model is trained inside the block, gradients pass the rounding straight through (QAT of the cache,
     :mod:`refimpl.quantization.qat`).
     """
-    from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -144,16 +144,11 @@ def kv_quantization(model: Any, bits: int, key_group_size: int = 32, residual: i
         raise TypeError(f"model must be a Hugging Face PreTrainedModel, got {type(model).__name__}")
     previous = model.config._attn_implementation
     name = f"refimpl_kv_int{bits}_g{key_group_size}_r{residual}_{previous}"
-    AttentionInterface.register(name, functools.partial(
-        _quantized_kv_attention, attention_fn=ALL_ATTENTION_FUNCTIONS.get(previous, sdpa_attention_forward),
-        bits=bits, key_group_size=key_group_size, residual=residual))
-    try:
-        model.set_attn_implementation(name)
-        if model.config._attn_implementation != name:
-            raise TypeError(f"model {type(model).__name__} does not dispatch attention through AttentionInterface")
+    attention_fn = functools.partial(_quantized_kv_attention,
+                                     attention_fn=ALL_ATTENTION_FUNCTIONS.get(previous, sdpa_attention_forward),
+                                     bits=bits, key_group_size=key_group_size, residual=residual)
+    with models.attention_implementation(model, name, attention_fn):
         yield model
-    finally:
-        model.set_attn_implementation(previous)
 
 
 # --- memory: the packed cache -----------------------------------------------------------------
