@@ -42,7 +42,8 @@ from refimpl._validation import as_device, check_non_negative_int, check_positiv
 from refimpl.runtime import progress
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of ``model``'s parameters."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     try:
@@ -94,7 +95,7 @@ def block_nll(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8)
     """
     _check_blocks(blocks)
     check_positive_int("batch_size", batch_size)
-    device = _model_device(model)
+    device = model_device(model)
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     if blocks.min() < 0 or (vocab_size is not None and blocks.max() >= vocab_size):
         raise ValueError(f"blocks must hold token ids in [0, {vocab_size}), got ids in "
@@ -266,7 +267,7 @@ def _timed(run: Callable[[Any], Any], device: torch.device, repeats: int, warmup
 def prefill_latency(model: torch.nn.Module, input_ids: torch.Tensor, repeats: int = 5, warmup: int = 1) -> Timing:
     """Time one forward pass over the prompt ``input_ids`` (``[batch, prompt_len]``), cache included."""
     _check_blocks(input_ids, min_len=1)
-    device = _model_device(model)
+    device = model_device(model)
     ids = input_ids.to(device)
     with eval_mode(model):
         times = _timed(lambda _: model(ids, use_cache=True), device, repeats, warmup, "prefill")
@@ -284,7 +285,7 @@ def decode_latency(
     """
     _check_blocks(input_ids, min_len=1)
     check_positive_int("n_tokens", n_tokens)
-    device = _model_device(model)
+    device = model_device(model)
     ids = input_ids.to(device)
 
     def prefill():

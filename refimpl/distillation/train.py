@@ -51,7 +51,7 @@ from refimpl._validation import check_choice, check_non_negative_int, check_posi
 from refimpl.distillation import losses
 from refimpl.distillation.losses import IGNORE_INDEX, SparseTeacher
 from refimpl.distillation.student import StudentSpec, layer_subset_student
-from refimpl.evaluate import eval_mode
+from refimpl.evaluate import eval_mode, model_device
 from refimpl.runtime import cache_dir
 from refimpl.training import TrainConfig, TrainLog, train
 
@@ -65,10 +65,6 @@ DEFAULT_LOSS = {"online": "forward_kl", "offline": "forward_kl", "sequence": Non
 #: The keyword arguments of :func:`distill` that only some modes use.
 MODE_OPTIONS = {"top_k": ("offline",), "max_new_tokens": ("sequence",), "prompt_len": ("on_policy",),
                 "student_fraction": ("on_policy",), "sample_temperature": ("on_policy",)}
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _check_tokens(param: str, tokens: Any, vocab_size: int | None = None) -> None:
@@ -106,7 +102,7 @@ def teacher_topk(teacher: nn.Module, blocks: torch.Tensor, k: int, temperature: 
     check_positive_int("batch_size", batch_size)
     if k > teacher.config.vocab_size:
         raise ValueError(f"k must be at most the vocabulary size {teacher.config.vocab_size}, got {k}")
-    device = _device(teacher)
+    device = model_device(teacher)
     parts = []
     with eval_mode(teacher):
         for batch in blocks.split(batch_size):
@@ -156,7 +152,7 @@ def generate_continuations(model: nn.Module, prompts: torch.Tensor, max_new_toke
     check_positive_int("batch_size", batch_size)
     from transformers import GenerationConfig
 
-    device = _device(model)
+    device = model_device(model)
     eos = _eos_ids(model)
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else eos[0] if eos else 0
@@ -286,7 +282,7 @@ def distill(student: nn.Module, teacher: nn.Module | SparseTeacher, data: torch.
         sample_temperature = 1.0 if sample_temperature is None else sample_temperature
         losses._check_temperature(sample_temperature)
 
-    device = _device(student)
+    device = model_device(student)
     starts = range(0, n, batch_size)
     if mode == "offline":
         targets = teacher if isinstance(teacher, SparseTeacher) \
