@@ -33,7 +33,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +123,23 @@ def mean_nll(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8) 
 def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
     """Perplexity of ``model`` on ``blocks``: ``exp(mean_nll)`` (see the module docstring)."""
     return math.exp(mean_nll(model, blocks, batch_size))
+
+
+def perplexities(model: torch.nn.Module, blocks: Mapping[str, torch.Tensor], batch_size: int = 8) -> dict[str, float]:
+    """:func:`perplexity` on each named set of blocks (the chapters use one per corpus), in order."""
+    if not isinstance(blocks, Mapping) or not blocks:
+        raise ValueError("blocks must be a non-empty mapping of name -> LongTensor[n_blocks, seq_len]")
+    return {name: perplexity(model, named, batch_size) for name, named in blocks.items()}
+
+
+def rounded(values: Mapping[str, float], digits: int = 2) -> dict[str, float]:
+    """``values`` rounded to ``digits`` decimals for printing: the precision at which the chapters'
+    stored outputs are compared (a perplexity to 2 decimals), so that floating-point noise below it
+    does not change them."""
+    check_non_negative_int("digits", digits)
+    if not isinstance(values, Mapping):
+        raise TypeError(f"values must be a mapping of name -> number, got {type(values).__name__}")
+    return {name: round(value, digits) for name, value in values.items()}
 
 
 # --- size ---------------------------------------------------------------------------------------

@@ -131,6 +131,51 @@ def test_io_grows_as_theorem_2_says():
     assert causal < 0.6 * flash.flash_attention_io(n, d, 64, 64).total  # skipped blocks are never read
 
 
+# --- memory -----------------------------------------------------------------------------------------
+
+
+def test_peak_tensor_bytes_by_hand():
+    x = torch.ones(100)
+
+    def allocate_and_free():
+        a = torch.ones(1000)  # 4,000 bytes
+        b = torch.ones(2000)  # 12,000 bytes alive: the peak
+        del a, b
+        return torch.ones(500)  # 2,000 bytes
+
+    result, peak = flash.peak_tensor_bytes(allocate_and_free)
+    assert result.shape == (500,) and peak == 12_000
+    assert flash.peak_tensor_bytes(lambda: (x.view(10, 10), x[:50], x.add_(1)))[1] == 0  # views, in place
+    assert flash.peak_tensor_bytes(lambda: x * 2)[1] == 400  # the result counts
+    with torch.inference_mode():
+        # x + 1 (400 bytes) is still alive when .sum() creates its 4-byte result
+        assert flash.peak_tensor_bytes(lambda: (x + 1).sum())[1] == 404
+
+
+@pytest.mark.parametrize("n", [128, 256])
+def test_standard_attention_memory_is_quadratic_and_flash_is_linear(n):
+    from refimpl.attention import gqa
+
+    def peaks(length):
+        q, k, v = _qkv(1, 4, 2, length, length, 16, seed=length)
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        standard = flash.peak_tensor_bytes(lambda: gqa.attention(q, k, v, causal))[1]
+        tiled = flash.peak_tensor_bytes(lambda: flash.flash_attention(q, k, v, causal=True, block_q=16, block_k=16))[1]
+        return standard, tiled
+
+    (standard, tiled), (standard_2n, tiled_2n) = peaks(n), peaks(2 * n)
+    scores = 4 * n * n * 4  # [1, heads=4, n, n] in float32
+    assert standard >= scores and tiled < scores / 4
+    assert standard_2n / standard > 3.5
+    assert tiled_2n - tiled == 4 * n * 16 * 4  # n more output rows per head; the tiles' working set is constant
+    assert peaks(n) == (standard, tiled)  # the same figures on every run
+
+
+def test_peak_tensor_bytes_validation():
+    with pytest.raises(TypeError, match="fn must be callable"):
+        flash.peak_tensor_bytes(42)
+
+
 # --- a Hugging Face model ---------------------------------------------------------------------------
 
 

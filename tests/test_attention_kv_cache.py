@@ -71,6 +71,23 @@ def test_any_chunking_gives_the_same_logits():
             torch.testing.assert_close(cached, reference, atol=1e-5, rtol=0)
 
 
+def test_logits_to_keep_gives_the_last_positions_only(tiny_llama):
+    decoder = Decoder.from_hf(tiny_llama)
+    ids = _ids(2, 12, 7)
+    with torch.no_grad():
+        full = decoder(ids)
+        assert torch.equal(decoder(ids, logits_to_keep=0), full)
+        torch.testing.assert_close(decoder(ids, logits_to_keep=1), full[:, -1:], atol=1e-6, rtol=0)
+        torch.testing.assert_close(decoder(ids, logits_to_keep=5), full[:, -5:], atol=1e-6, rtol=0)
+        assert decoder(ids, logits_to_keep=50).shape == full.shape  # more than t: all of them
+        cache = decoder.new_cache(2, 12)
+        prefill = decoder(ids[:, :8], cache, logits_to_keep=1)  # the cache still gets every position
+        step = decoder(ids[:, 8:9], cache, logits_to_keep=1)
+    assert cache.length == 9
+    torch.testing.assert_close(prefill, full[:, 7:8], atol=1e-5, rtol=0)
+    torch.testing.assert_close(step, full[:, 8:9], atol=1e-5, rtol=0)
+
+
 def test_decoder_shares_the_models_weights(tiny_llama):
     decoder = Decoder.from_hf(tiny_llama)
     model_params = {p.data_ptr() for p in tiny_llama.parameters()}
@@ -275,6 +292,11 @@ def test_validation(tiny_llama):
         decoder(_ids(1, 4), cache=ModelKVCache([KVCache(1, 2, 8, 16)]))
     with pytest.raises(ValueError, match="past max_len"):
         decoder(_ids(1, 9), decoder.new_cache(1, 8))
+    cache = decoder.new_cache(1, 8)
+    for bad in (-1, 1.0, True):
+        with pytest.raises(ValueError, match="logits_to_keep must be a non-negative int"):
+            decoder(_ids(1, 4), cache, logits_to_keep=bad)
+    assert cache.length == 0  # a rejected call leaves the cache as it was
     scaled = make_tiny_llama(0, rope_scaling={"rope_type": "linear", "factor": 2.0})
     with pytest.raises(ValueError, match="rope_scaling"):
         Decoder.from_hf(scaled)

@@ -252,3 +252,25 @@ def test_pareto_frontier_keeps_the_points_nothing_beats():
         evaluate.pareto_frontier({})
     with pytest.raises(ValueError, match="points\\['x'\\]"):
         evaluate.pareto_frontier({"x": (1.0, float("nan"))})
+
+
+def test_perplexities_are_perplexity_per_named_set(tiny_llama):
+    torch.manual_seed(0)
+    blocks = {"a": torch.randint(0, tiny_llama.config.vocab_size, (2, 12)),
+              "b": torch.randint(0, tiny_llama.config.vocab_size, (3, 12))}
+    ppl = evaluate.perplexities(tiny_llama, blocks)
+    assert list(ppl) == ["a", "b"]
+    assert ppl == {name: evaluate.perplexity(tiny_llama, named) for name, named in blocks.items()}
+    with pytest.raises(ValueError, match="blocks"):
+        evaluate.perplexities(tiny_llama, {})
+    with pytest.raises(ValueError, match="blocks"):
+        evaluate.perplexities(tiny_llama, blocks["a"])
+
+
+def test_rounded_rounds_every_value_and_checks_digits():
+    assert evaluate.rounded({"x": 40.6949, "y": 43.3351}) == {"x": 40.69, "y": 43.34}
+    assert evaluate.rounded({"x": 1.23456}, digits=3) == {"x": 1.235}
+    with pytest.raises(ValueError, match="digits"):
+        evaluate.rounded({"x": 1.0}, digits=-1)
+    with pytest.raises(TypeError, match="values"):
+        evaluate.rounded([1.0])

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from refimpl._validation import check_non_negative_int
 from refimpl.attention.kv_cache import ModelKVCache, cached_attention, rope_frequencies
 from refimpl.evaluate import attention_shape
 
@@ -89,7 +90,7 @@ class Decoder(nn.Module):
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, shape.n_heads * shape.head_dim))  # [b, t, hidden]
 
     def forward(self, input_ids: torch.Tensor, cache: ModelKVCache | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """Logits ``[batch, t, vocab]`` of ``input_ids [batch, t]``.
 
         Args:
@@ -98,6 +99,9 @@ class Decoder(nn.Module):
                 ``None``: the tokens attend causally among themselves only.
             positions: ``LongTensor[t]``, the text positions of the new tokens (the same for every
                 sequence of the batch); default ``cache.length, cache.length + 1, ...`` (or ``0..t-1``).
+            logits_to_keep: ``0`` for the logits of every position; ``k > 0`` for those of the last
+                ``k`` positions only, ``[batch, min(k, t), vocab]`` (generation needs the last one, and
+                the output projection of the others is wasted work).
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long or input_ids.dim() != 2:
             raise TypeError("input_ids must be a LongTensor of shape [batch, t]")
@@ -110,6 +114,7 @@ class Decoder(nn.Module):
         elif not isinstance(positions, torch.Tensor) or positions.shape != (input_ids.shape[1],) \
                 or positions.dtype != torch.long:
             raise ValueError(f"positions must be a LongTensor of shape [t={input_ids.shape[1]}]")
+        check_non_negative_int("logits_to_keep", logits_to_keep)
         llama, eps = self.model.model, config.rms_norm_eps
         h = llama.embed_tokens(input_ids)  # [b, t, hidden]
         for i, layer in enumerate(llama.layers):
@@ -118,4 +123,6 @@ class Decoder(nn.Module):
             u = rms_norm(h, layer.post_attention_layernorm.weight, eps)
             mlp = layer.mlp
             h = h + mlp.down_proj(F.silu(mlp.gate_proj(u)) * mlp.up_proj(u))  # [b, t, hidden]
-        return self.model.lm_head(rms_norm(h, llama.norm.weight, eps))  # [b, t, vocab]
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]  # [b, min(k, t), hidden]
+        return self.model.lm_head(rms_norm(h, llama.norm.weight, eps))  # [b, t or k, vocab]

@@ -33,6 +33,11 @@ standard attention's :math:`4N^2`: fewer once :math:`B_r > d/2`, and every furth
 that an implementation makes over the :math:`N \times N` matrix (mask, dropout) adds :math:`2N^2` to
 the standard count only.
 
+**Memory.** :func:`peak_tensor_bytes` measures what the claim is about, deterministically: the largest
+number of bytes held at one time by the tensors a call creates. Standard attention holds the
+:math:`N \times N` scores (quadratic in :math:`N`); the tiled forward holds the output and one tile's
+working set (linear).
+
 :func:`use_flash_attention` makes a Hugging Face model run this function as its attention, so
 perplexity can be checked unchanged. This is a PyTorch transcription of the algorithm for reading
 and testing; its speed on a CPU says nothing about the fused GPU kernel.
@@ -43,9 +48,12 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from refimpl._validation import check_positive_int
 from refimpl.models import attention_implementation
@@ -187,6 +195,58 @@ def sram_block_sizes(sram_size: int, d: int) -> tuple[int, int]:
         raise ValueError(f"sram_size ({sram_size}) must hold at least one row of d={d} elements")
     block_k = -(-sram_size // (4 * d))
     return min(block_k, d), block_k
+
+
+# --- measuring memory ------------------------------------------------------------------------------
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Follows every tensor storage that an operation allocates while the mode is active: its bytes count
+    from the operation that creates it until its last reference is gone (checked through a weak
+    reference after every operation); ``peak`` is the largest sum seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}  # data pointer -> (weak ref, bytes)
+        self.live_bytes = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for ptr, (ref, nbytes) in list(self.live.items()):
+            if ref.expired():  # freed since the last operation
+                del self.live[ptr]
+                self.live_bytes -= nbytes
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if storage.nbytes() == 0 or ptr in inputs or ptr in self.live:
+                continue  # a view or an in-place result: no new memory
+            self.live[ptr] = (StorageWeakRef(storage), storage.nbytes())
+            self.live_bytes += storage.nbytes()
+        self.peak = max(self.peak, self.live_bytes)
+        return out
+
+
+def peak_tensor_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``fn()`` and return ``(result, peak)``: the most bytes held at one time by tensors that
+    ``fn`` creates.
+
+    Every PyTorch operation inside ``fn`` is intercepted (a ``TorchDispatchMode``): an output whose
+    storage is new — not a view of, or written into, one of the operation's inputs — counts from that
+    operation until it is freed. Tensors that exist before the call (inputs, weights) do not count; the
+    result counts while it is alive, so the peak includes it. Buffers that a single fused kernel
+    allocates internally and frees before returning are invisible. The figure depends only on the
+    operations and their shapes, not on the allocator or the machine's load, so it is the same on every
+    run.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    with _LiveTensorBytes() as mode:
+        result = fn()
+    return result, mode.peak
 
 
 # --- running a Hugging Face model with it -----------------------------------------------------------
