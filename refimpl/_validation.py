@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -33,3 +34,19 @@ def as_device(param: str, value: Any):
         return torch.device(value)
     except RuntimeError as exc:
         raise ValueError(f"{param} {value!r} is not a device: {exc}") from None
+
+
+def check_layer_indices(keep: Sequence[int], n_layers: int | None = None, param: str = "keep") -> tuple[int, ...]:
+    """``keep`` (the argument named ``param``) as a tuple after checking that it is a non-empty,
+    strictly increasing sequence of layer indices in ``[0, n_layers)`` (non-negative when ``n_layers``
+    is None)."""
+    if isinstance(keep, (str, bytes)) or not isinstance(keep, Sequence) or len(keep) == 0:
+        raise ValueError(f"{param} must be a non-empty sequence of layer indices, got {keep!r}")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in keep):
+        raise ValueError(f"{param} must hold ints, got {list(keep)!r}")
+    if min(keep) < 0 or (n_layers is not None and max(keep) >= n_layers):
+        bound = "" if n_layers is None else f", below the model's {n_layers} layers"
+        raise ValueError(f"{param} must hold non-negative layer indices{bound}, got {list(keep)}")
+    if any(a >= b for a, b in zip(keep, keep[1:])):
+        raise ValueError(f"{param} must be strictly increasing (sorted, no duplicates), got {list(keep)}")
+    return tuple(keep)

@@ -321,16 +321,18 @@ def decode_latency(
 
 
 def side_by_side(
-    models: dict[str, torch.nn.Module], measure: Callable[[torch.nn.Module], Timing], rounds: int = 3
+    models: dict[str, torch.nn.Module], measure: Callable[[torch.nn.Module], Timing], rounds: int = 3,
+    warmup_rounds: int = 1,
 ) -> dict[str, Timing]:
-    """Time several models with the same ``measure`` in alternation: one warm-up round, then
-    ``rounds`` rounds that each measure every model once, in order. A change in the machine's load
+    """Time several models with the same ``measure`` in alternation: ``warmup_rounds`` untimed rounds,
+    then ``rounds`` rounds that each measure every model once, in order. A change in the machine's load
     during the comparison then affects all models alike, so ratios of the medians stay meaningful.
 
     Args:
         models: name -> model.
         measure: e.g. ``lambda m: decode_latency(m, ids, repeats=1, warmup=0)``.
         rounds: timed rounds.
+        warmup_rounds: untimed rounds first (0 when every model has already run, and a round is long).
 
     Returns:
         name -> :class:`Timing` holding the times of all rounds.
@@ -340,8 +342,10 @@ def side_by_side(
     if not callable(measure):
         raise TypeError("measure must be callable")
     check_positive_int("rounds", rounds)
-    for model in models.values():
-        measure(model)  # warm-up round
+    check_non_negative_int("warmup_rounds", warmup_rounds)
+    for _ in range(warmup_rounds):
+        for model in models.values():
+            measure(model)
     timings: dict[str, list[Timing]] = {name: [] for name in models}
     for _ in progress(range(rounds), desc="side by side", total=rounds):
         for name, model in models.items():

@@ -334,3 +334,24 @@ def test_smollm2_student_learns_from_its_teacher_online_and_offline(smollm2):
     offline = kd.distill(layer_subset_student(model, n_layers=10), targets, blocks, "offline", config=config,
                          batch_size=2)
     assert offline.losses[-1] < offline.losses[0]
+
+
+@pytest.mark.slow
+def test_influence_student_recipe_keeps_the_most_influential_layers(smollm2):
+    from refimpl import data as corpora
+    from refimpl.pruning import structured
+
+    model, tokenizer = smollm2
+    recipe, blocks = kd.influence_student_recipe(model, tokenizer, "smollm2-135m", n_layers=12)
+    scored = torch.cat([corpora.token_blocks(tokenizer, corpora.load_text(name, "calibration"), seq_len=256, n_blocks=1)
+                        for name in corpora.CORPORA])
+    influence = structured.activation_importance(model, scored).layers
+    assert recipe.spec.keep == tuple(sorted(influence.topk(12).indices.tolist()))
+    assert recipe.spec.teacher == "smollm2-135m" and recipe.mode == "online" and recipe.loss == "forward_kl"
+    assert blocks.shape == (16, 128) and blocks.dtype == torch.long
+    again, blocks_again = kd.influence_student_recipe(model, tokenizer, "smollm2-135m", n_layers=12)
+    assert kd.student_digest(again, blocks_again) == kd.student_digest(recipe, blocks)  # deterministic
+    with pytest.raises(ValueError, match="n_layers must be at most"):
+        kd.influence_student_recipe(model, tokenizer, "smollm2-135m", n_layers=31)
+    with pytest.raises(ValueError, match="n_layers"):
+        kd.influence_student_recipe(model, tokenizer, "smollm2-135m", n_layers=0)

@@ -233,6 +233,9 @@ def test_side_by_side_alternates_models_and_collects_rounds():
     assert calls == ["model-a", "model-b"] * 4  # a warm-up round, then three timed rounds
     assert result["a"].times_s == pytest.approx([0.3, 0.5, 0.7]) and result["a"].tokens == 7
     assert result["b"].times_s == pytest.approx([0.4, 0.6, 0.8])
+    calls.clear()
+    result = evaluate.side_by_side({"a": "model-a", "b": "model-b"}, measure, rounds=1, warmup_rounds=0)
+    assert calls == ["model-a", "model-b"] and result["a"].times_s == pytest.approx([0.1])
 
 
 def test_side_by_side_validates():
@@ -240,6 +243,8 @@ def test_side_by_side_validates():
         evaluate.side_by_side({}, lambda m: None)
     with pytest.raises(ValueError, match="rounds"):
         evaluate.side_by_side({"a": 1}, lambda m: None, rounds=0)
+    with pytest.raises(ValueError, match="warmup_rounds"):
+        evaluate.side_by_side({"a": 1}, lambda m: None, warmup_rounds=-1)
 
 
 def test_pareto_frontier_keeps_the_points_nothing_beats():

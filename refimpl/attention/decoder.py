@@ -20,13 +20,14 @@ then decode one token at a time against the cache.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refimpl._validation import check_non_negative_int
+from refimpl._validation import check_layer_indices, check_non_negative_int
 from refimpl.attention.kv_cache import ModelKVCache, cached_attention, rope_frequencies
 from refimpl.evaluate import attention_shape
 
@@ -55,9 +56,14 @@ class Decoder(nn.Module):
 
     Build it with :meth:`from_hf`; the model stays a submodule, so its parameters are shared, not
     copied. Call it as ``decoder(input_ids, cache, positions)``.
+
+    ``layers`` runs only some of the model's decoder layers, in order, then the final norm and the
+    output head: ``range(k)`` is the early exit of self-speculative decoding (LayerSkip, Elhoushi et
+    al. 2024, arXiv:2404.16710), other subsets skip layers (Draft & Verify, Zhang et al. 2023,
+    arXiv:2309.08168). Its caches hold one layer per layer run.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, layers: Sequence[int] | None = None):
         super().__init__()
         config = getattr(model, "config", None)
         if getattr(config, "model_type", None) != "llama" or not hasattr(model, "lm_head"):
@@ -65,20 +71,23 @@ class Decoder(nn.Module):
         if config.hidden_act != "silu":
             raise ValueError(f"config.hidden_act must be 'silu' (Llama's gated MLP), got {config.hidden_act!r}")
         self.model = model
+        self.layers = check_layer_indices(range(config.num_hidden_layers) if layers is None else layers,
+                                          config.num_hidden_layers, "layers")
         head_dim = attention_shape(config).head_dim
         self.register_buffer("inv_freq", rope_frequencies(head_dim, rope_theta(config)).to(model.device),
                              persistent=False)
 
     @classmethod
-    def from_hf(cls, model: nn.Module) -> Decoder:
-        """The decoder over ``model``'s weights (``model`` is not modified)."""
-        return cls(model)
+    def from_hf(cls, model: nn.Module, layers: Sequence[int] | None = None) -> Decoder:
+        """The decoder over ``model``'s weights (``model`` is not modified), running ``layers`` (all by
+        default)."""
+        return cls(model, layers)
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, window: int | None = None,
                   sinks: int = 0) -> ModelKVCache:
-        """An empty cache for every layer, on the model's device, in ``dtype`` (default: the model's)."""
+        """An empty cache for every layer run, on the model's device, in ``dtype`` (default: the model's)."""
         return ModelKVCache.from_config(self.model.config, batch_size, max_len, dtype or self.model.dtype,
-                                        self.model.device, window, sinks)
+                                        self.model.device, window, sinks, n_layers=len(self.layers))
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         shape = attention_shape(self.model.config)  # read each time: gqa.convert_kv_heads may change it
@@ -106,8 +115,8 @@ class Decoder(nn.Module):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long or input_ids.dim() != 2:
             raise TypeError("input_ids must be a LongTensor of shape [batch, t]")
         config = self.model.config
-        if cache is not None and (not isinstance(cache, ModelKVCache) or len(cache) != config.num_hidden_layers):
-            raise TypeError(f"cache must be a ModelKVCache with {config.num_hidden_layers} layers (new_cache())")
+        if cache is not None and (not isinstance(cache, ModelKVCache) or len(cache) != len(self.layers)):
+            raise TypeError(f"cache must be a ModelKVCache with {len(self.layers)} layers (new_cache())")
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
@@ -117,7 +126,8 @@ class Decoder(nn.Module):
         check_non_negative_int("logits_to_keep", logits_to_keep)
         llama, eps = self.model.model, config.rms_norm_eps
         h = llama.embed_tokens(input_ids)  # [b, t, hidden]
-        for i, layer in enumerate(llama.layers):
+        for i, index in enumerate(self.layers):
+            layer = llama.layers[index]
             h = h + self._attention(layer.self_attn, rms_norm(h, layer.input_layernorm.weight, eps), positions,
                                     cache[i] if cache is not None else None)
             u = rms_norm(h, layer.post_attention_layernorm.weight, eps)

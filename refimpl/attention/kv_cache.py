@@ -239,11 +239,15 @@ class ModelKVCache(nn.Module):
 
     @classmethod
     def from_config(cls, config: Any, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", window: int | None = None, sinks: int = 0) -> ModelKVCache:
-        """Empty caches for every layer of the decoder a Hugging Face ``config`` describes."""
+                    device: str | torch.device = "cpu", window: int | None = None, sinks: int = 0,
+                    n_layers: int | None = None) -> ModelKVCache:
+        """Empty caches for every layer of the decoder a Hugging Face ``config`` describes (or for
+        ``n_layers`` of them: a decoder that runs only some layers)."""
         shape = attention_shape(config)
+        if n_layers is not None:
+            check_positive_int("n_layers", n_layers)
         return cls([KVCache(batch_size, shape.n_kv_heads, max_len, shape.head_dim, dtype, device, window, sinks)
-                    for _ in range(shape.n_layers)])
+                    for _ in range(shape.n_layers if n_layers is None else n_layers)])
 
     def __getitem__(self, index: int) -> KVCache:
         return self.layers[index]

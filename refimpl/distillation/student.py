@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 
 
 from refimpl import calibration
-from refimpl._validation import check_positive_int
+from refimpl._validation import check_layer_indices, check_positive_int
 from refimpl.pruning import structured
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ class StudentSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.teacher, str) or not self.teacher:
             raise ValueError(f"teacher must be a non-empty str naming the teacher, got {self.teacher!r}")
-        object.__setattr__(self, "keep", structured.check_layer_indices(self.keep))  # a list given as keep becomes a tuple
+        object.__setattr__(self, "keep", check_layer_indices(self.keep))  # a list given as keep becomes a tuple
 
     @classmethod
     def evenly_spaced(cls, teacher: str, n_teacher_layers: int, n_layers: int) -> "StudentSpec":
@@ -81,7 +81,7 @@ def layer_subset_student(teacher: "PreTrainedModel", keep: Sequence[int] | None 
     n_teacher = len(calibration.decoder_layers(teacher))
     if (keep is None) == (n_layers is None):
         raise ValueError("give exactly one of keep (layer indices) and n_layers (a count)")
-    keep = evenly_spaced(n_teacher, n_layers) if keep is None else structured.check_layer_indices(keep, n_teacher)
+    keep = evenly_spaced(n_teacher, n_layers) if keep is None else check_layer_indices(keep, n_teacher)
     student = structured.keep_layers(copy.deepcopy(teacher), keep)  # depth pruning of a copy
     student.requires_grad_(True)
     return student.eval()

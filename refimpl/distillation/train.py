@@ -47,11 +47,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from refimpl import calibration, data
 from refimpl._validation import check_choice, check_non_negative_int, check_positive_int
 from refimpl.distillation import losses
 from refimpl.distillation.losses import IGNORE_INDEX, SparseTeacher
 from refimpl.distillation.student import StudentSpec, layer_subset_student
 from refimpl.evaluate import eval_mode, model_device
+from refimpl.pruning import structured
 from refimpl.runtime import cache_dir
 from refimpl.training import TrainConfig, TrainLog, train
 
@@ -447,3 +449,35 @@ def cached_student(recipe: StudentRecipe, teacher: "PreTrainedModel", data: torc
         if tmp.exists():
             shutil.rmtree(tmp)
     return student, {**record, "folder": str(folder)}
+
+
+def influence_student_recipe(teacher: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", teacher_name: str,
+                             n_layers: int = 16) -> tuple[StudentRecipe, torch.Tensor]:
+    """The book's distilled student (chapter 06, reused as a draft model in chapter 08): its recipe
+    and its training tokens, for :func:`cached_student`.
+
+    The student keeps the ``n_layers`` teacher layers of highest block influence (ShortGPT's score,
+    :func:`refimpl.pruning.structured.activation_importance`, on one 256-token calibration block per
+    corpus) and is trained online with forward KL for 8 steps (learning rate 5e-4, 2 warm-up steps) on
+    batches of two 128-token blocks: 8 calibration blocks per corpus, shuffled with seed 0.
+
+    Returns:
+        ``(recipe, train_blocks [16, 128])``.
+    """
+    _check_model("teacher", teacher)
+    check_positive_int("n_layers", n_layers)
+    n_teacher = len(calibration.decoder_layers(teacher))
+    if n_layers > n_teacher:
+        raise ValueError(f"n_layers must be at most the teacher's {n_teacher} layers, got {n_layers}")
+    device = model_device(teacher)
+    importance_blocks = torch.cat([data.token_blocks(tokenizer, data.load_text(name, "calibration"), seq_len=256,
+                                                     n_blocks=1) for name in data.CORPORA]).to(device)  # [2, 256]
+    block_influence = structured.activation_importance(teacher, importance_blocks).layers  # [layers]
+    keep = tuple(sorted(block_influence.argsort(descending=True)[:n_layers].tolist()))
+    train_blocks = torch.cat([data.token_blocks(tokenizer, data.load_text(name, "calibration"), seq_len=128,
+                                                n_blocks=8) for name in data.CORPORA])  # [16, 128]
+    train_blocks = train_blocks[torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(0))]
+    recipe = StudentRecipe(StudentSpec(teacher_name, keep), TrainConfig(steps=8, lr=5e-4, warmup_steps=2),
+                           data="calibration split, 8 blocks of 128 tokens per corpus, shuffled", mode="online",
+                           loss="forward_kl", options={"batch_size": 2})
+    return recipe, train_blocks.to(device)

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from refimpl import calibration, evaluate, lora, training
-from refimpl._validation import check_positive_int
+from refimpl._validation import check_layer_indices, check_positive_int
 from refimpl.quantization import packed
 
 
@@ -266,21 +266,6 @@ def prune_structured(model: nn.Module, importance: Importance, intermediate_size
     config.num_attention_heads, config.num_key_value_heads = keep_groups * keep_per_group, keep_groups
     config.intermediate_size = intermediate if intermediate_size is None else intermediate_size
     return keep_layers(model, _top(importance.layers, len(layers) if n_layers is None else n_layers).tolist())
-
-
-def check_layer_indices(keep: Sequence[int], n_layers: int | None = None) -> tuple[int, ...]:
-    """``keep`` as a tuple after checking that it is a non-empty, strictly increasing sequence of layer
-    indices in ``[0, n_layers)`` (non-negative when ``n_layers`` is None)."""
-    if isinstance(keep, (str, bytes)) or not isinstance(keep, Sequence) or len(keep) == 0:
-        raise ValueError(f"keep must be a non-empty sequence of layer indices, got {keep!r}")
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in keep):
-        raise ValueError(f"keep must hold ints, got {list(keep)!r}")
-    if min(keep) < 0 or (n_layers is not None and max(keep) >= n_layers):
-        bound = "" if n_layers is None else f", below the model's {n_layers} layers"
-        raise ValueError(f"keep must hold non-negative layer indices{bound}, got {list(keep)}")
-    if any(a >= b for a, b in zip(keep, keep[1:])):
-        raise ValueError(f"keep must be strictly increasing (sorted, no duplicates), got {list(keep)}")
-    return tuple(keep)
 
 
 def keep_layers(model: nn.Module, keep: Sequence[int]) -> nn.Module:

@@ -1,0 +1,9 @@
+"""Decoding: how tokens are produced, and how to produce them with fewer target-model passes.
+
+- :mod:`refimpl.decoding.generate`: the generation loop with a KV cache — greedy, temperature,
+  top-k and top-p sampling, stop tokens, seeded.
+- :mod:`refimpl.decoding.speculative`: speculative decoding (draft proposes, target verifies in one
+  pass, rejection sampling keeps the target's distribution), its acceptance arithmetic, and drafts:
+  any smaller model, the target's own first layers (self-speculative), a quantized copy, or n-gram
+  lookup in the text itself.
+"""
