@@ -310,6 +310,36 @@ def test_model_sparsegpt_prunes_every_layer_in_place(tiny_llama):
     assert torch.isfinite(tiny_llama(blocks).logits).all()
 
 
+def test_sparsegpt_copies_equal_one_run_per_setting(tiny_llama):
+    """Stacking the copies' rows in one column loop changes only the speed: every copy equals its own
+    run of prune_model_sparsegpt from the same statistics (up to float summation order)."""
+    blocks = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
+    statistics = calibration.input_statistics(tiny_llama, blocks)
+    before = copy.deepcopy(tiny_llama.state_dict())
+    settings = [0.25, (2, 4), 0.6, 0.6, (1, 4)]
+    copies = sparsegpt.sparsegpt_copies(tiny_llama, settings, statistics, block_size=32)
+    assert all(torch.equal(t, before[name]) for name, t in tiny_llama.state_dict().items())  # untouched
+    for setting, pruned in zip(settings, copies):
+        nm = setting if isinstance(setting, tuple) else None
+        alone = sparsegpt.prune_model_sparsegpt(copy.deepcopy(tiny_llama), None, 0.0 if nm else setting, nm=nm,
+                                                block_size=32, statistics=statistics)
+        for (name, a), b in zip(masks.decoder_linears(alone).items(), masks.decoder_linears(pruned).values()):
+            assert torch.equal(a.weight == 0, b.weight == 0), (setting, name)
+            torch.testing.assert_close(b.weight, a.weight, rtol=1e-4, atol=1e-5)
+    assert masks.sparsity_of(copies[0]) == pytest.approx(0.25, abs=0.01)
+    assert masks.sparsity_of(copies[1]) == 0.5
+
+
+@pytest.mark.parametrize("settings, match", [
+    ([], "non-empty"), (0.5, "non-empty"), ([0.5, 1.2], r"settings\[1\]: sparsity"),
+    ([(2, 3)], r"settings\[0\]: nm: M \(3\) must divide"), ([(2, 4)], "block_size"),
+])
+def test_sparsegpt_copies_reject_bad_settings(tiny_llama, settings, match):
+    statistics = calibration.input_statistics(tiny_llama, torch.randint(0, 128, (1, 8)))
+    with pytest.raises(ValueError, match=match):
+        sparsegpt.sparsegpt_copies(tiny_llama, settings, statistics, block_size=6 if settings == [(2, 4)] else 32)
+
+
 @pytest.mark.parametrize("shape, n_remove", [((5, 37), 11), ((200,), 150), ((3, 4, 8), 4), ((2, 9), 0), ((2, 9), 9)])
 def test_keep_highest_equals_a_stable_sort_with_many_ties(shape, n_remove):
     scores = torch.randint(0, 5, shape, generator=torch.Generator().manual_seed(n_remove)).float()

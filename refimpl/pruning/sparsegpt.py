@@ -25,7 +25,8 @@ column is final once visited.
 
 from __future__ import annotations
 
-from typing import Sequence
+import copy
+from typing import Sequence, Union
 
 import torch
 
@@ -34,11 +35,62 @@ from refimpl._validation import check_positive_int
 from refimpl.pruning import masks
 
 
-def _check_loop(nm: tuple[int, int] | None, block_size: int, damp: float) -> None:
+Pattern = Union[float, tuple[int, int]]
+"""What to remove from a group of rows: a fraction of its weights (unstructured), or ``(N, M)``."""
+
+
+def _check_loop(patterns: Sequence[Pattern], block_size: int, damp: float) -> None:
     check_positive_int("block_size", block_size)
-    if nm is not None and block_size % nm[1]:
-        raise ValueError(f"block_size ({block_size}) must be a multiple of M ({nm[1]})")
+    for pattern in patterns:
+        if isinstance(pattern, tuple) and block_size % pattern[1]:
+            raise ValueError(f"block_size ({block_size}) must be a multiple of M ({pattern[1]})")
     obs.check_damp(damp)
+
+
+def _runs(patterns: Sequence[Pattern], segments: Sequence[int]) -> list[tuple[slice, Pattern, list[int]]]:
+    """Consecutive segments with the same pattern, merged: ``(rows, pattern, segment sizes)``. A mask is
+    chosen once per run and group of columns (per segment within it, for unstructured sparsity)."""
+    runs: list[tuple[slice, Pattern, list[int]]] = []
+    row = 0
+    for pattern, size in zip(patterns, segments):
+        if runs and runs[-1][1] == pattern:
+            rows, _, sizes = runs[-1]
+            runs[-1] = (slice(rows.start, row + size), pattern, sizes + [size])
+        else:
+            runs.append((slice(row, row + size), pattern, [size]))
+        row += size
+    return runs
+
+
+def _prune(weight: torch.Tensor, hessian_matrix: torch.Tensor, patterns: Sequence[Pattern], segments: Sequence[int],
+           block_size: int, damp: float) -> torch.Tensor:
+    """SparseGPT on ``weight [out, in]`` whose rows are ``segments`` (row counts) sharing ``H``, each
+    segment pruned to its own pattern (arguments checked by the callers)."""
+    n_in = weight.shape[1]
+    W, H = obs.prepare(weight, hessian_matrix)  # float32 [out, in], [in, in]
+    U = obs.upper_cholesky_of_inverse(obs.dampen(H, damp))  # H^-1 = U^T U
+    u_diagonal = U.diagonal()  # [in]
+    WT = W.T.contiguous()  # [in, out]
+    keep_t = torch.ones_like(WT, dtype=torch.bool)  # [in, out], the mask, transposed like WT
+    runs = _runs(patterns, segments)
+
+    def prune_column(i: int, w: torch.Tensor, out: torch.Tensor) -> None:
+        for rows, pattern, sizes in runs:
+            group = pattern[1] if isinstance(pattern, tuple) else block_size  # columns chosen together
+            if i % group:
+                continue
+            # adaptive mask selection for columns i .. i + group, as updated so far
+            columns = slice(i, min(i + group, n_in))
+            error = WT[columns, rows] ** 2 / u_diagonal[columns, None] ** 2  # OBS error eps, [group, rows]
+            if isinstance(pattern, tuple):  # per row of W: the N of the M with the largest error kept
+                keep_t[columns, rows] = masks.keep_highest(error.T, pattern[1] - pattern[0]).T
+            else:
+                keep_t[columns, rows] = torch.cat([masks.unstructured_mask(part, pattern, scope="layer")
+                                                   for part in error.split(sizes, dim=1)], dim=1)
+        torch.mul(w, keep_t[i], out=out)
+
+    QT = obs.compensate_columns(WT, U, block_size, prune_column)  # [in, out]
+    return QT.T.contiguous()
 
 
 @torch.no_grad()
@@ -64,31 +116,25 @@ def sparsegpt_prune(weight: torch.Tensor, hessian_matrix: torch.Tensor, sparsity
     n_out, n_in = weight.shape
     masks.check_sparsity(sparsity)
     masks.check_pattern(nm, n_in)
-    _check_loop(nm, block_size, damp)
+    pattern = nm if nm is not None else float(sparsity)
+    _check_loop([pattern], block_size, damp)
     segments = [n_out] if segments is None else list(segments)
     if any(not isinstance(s, int) or s < 1 for s in segments) or sum(segments) != n_out:
         raise ValueError(f"segments must be positive row counts summing to out_features ({n_out}), got {segments}")
+    return _prune(weight, hessian_matrix, [pattern] * len(segments), segments, block_size, damp)
 
-    W, H = obs.prepare(weight, hessian_matrix)  # float32 [out, in], [in, in]
-    U = obs.upper_cholesky_of_inverse(obs.dampen(H, damp))  # H^-1 = U^T U
-    u_diagonal = U.diagonal()  # [in]
-    WT = W.T.contiguous()  # [in, out]
-    keep_t = torch.ones_like(WT, dtype=torch.bool)  # [in, out], the mask, transposed like WT
-    group = nm[1] if nm is not None else block_size  # columns chosen together
 
-    def prune_column(i: int, w: torch.Tensor, out: torch.Tensor) -> None:
-        if i % group == 0:  # adaptive mask selection for columns i .. i + group, as updated so far
-            columns = slice(i, min(i + group, n_in))
-            error = WT[columns] ** 2 / u_diagonal[columns, None] ** 2  # OBS error eps, [group, out]
-            if nm is not None:  # per row of W: the N of the M with the largest error kept
-                keep_t[columns] = masks.keep_highest(error.T, nm[1] - nm[0]).T
-            else:
-                keep_t[columns] = torch.cat([masks.unstructured_mask(part, sparsity, scope="layer")
-                                             for part in error.split(segments, dim=1)], dim=1)
-        torch.mul(w, keep_t[i], out=out)
-
-    QT = obs.compensate_columns(WT, U, block_size, prune_column)  # [in, out]
-    return QT.T.contiguous()
+def _prune_layer(linears: Sequence[dict[str, torch.nn.Linear]], patterns: Sequence[Pattern],
+                 stats: dict[str, calibration.InputStatistics], block_size: int, damp: float) -> None:
+    """Prune one decoder layer of one or more models (``linears[k]`` pruned to ``patterns[k]``), in place:
+    the layers that read the same input, in every model, are stacked and pruned in one column loop."""
+    for members in calibration.shared_input_sets(stats):
+        weights = [layer[name].weight for layer in linears for name in members]  # model-major
+        row_patterns = [pattern for pattern in patterns for _ in members]
+        sizes = [w.shape[0] for w in weights]
+        pruned = _prune(torch.cat(weights), stats[members[0]].hessian(), row_patterns, sizes, block_size, damp)
+        for w, part in zip(weights, pruned.split(sizes)):
+            w.copy_(part.to(w.dtype))
 
 
 @torch.no_grad()
@@ -109,12 +155,47 @@ def prune_model_sparsegpt(model: torch.nn.Module, blocks: torch.Tensor | None, s
         positive definite, ``ValueError``) could stop it half-way.
     """
     masks.check_model(model, sparsity, nm)
-    _check_loop(nm, block_size, damp)
+    pattern = nm if nm is not None else float(sparsity)
+    _check_loop([pattern], block_size, damp)
     for _, _, linears, stats in calibration.statistics_by_layer(model, blocks, statistics, batch_size):
-        for members in calibration.shared_input_sets(stats):
-            weights = [linears[name].weight for name in members]
-            pruned = sparsegpt_prune(torch.cat(weights), stats[members[0]].hessian(), sparsity, nm, block_size,
-                                     damp, segments=[w.shape[0] for w in weights])
-            for w, part in zip(weights, pruned.split([w.shape[0] for w in weights])):
-                w.copy_(part.to(w.dtype))
+        _prune_layer([linears], [pattern], stats, block_size, damp)
     return model
+
+
+@torch.no_grad()
+def sparsegpt_copies(model: torch.nn.Module, settings: Sequence[Pattern],
+                     statistics: dict[str, calibration.InputStatistics], block_size: int = 128,
+                     damp: float = 0.01) -> list[torch.nn.Module]:
+    """SparseGPT copies of ``model``, one per setting (a sparsity, or ``(N, M)``), pruned together.
+
+    The same as :func:`prune_model_sparsegpt` on a copy per setting with ``statistics`` captured once
+    on the dense model, but faster for a sweep: the column loop updates every row of :math:`W` with
+    the same factor :math:`U`, so the rows of all copies are stacked and pruned in one loop per
+    layer — one Cholesky factorisation and one pass of per-column work instead of one per setting.
+    (Calibrating layer by layer from blocks would give each copy different inputs, so this needs
+    ``statistics``.)
+
+    Returns:
+        the pruned copies, in the order of ``settings``; ``model`` is not modified.
+    """
+    if isinstance(settings, (str, bytes)) or not isinstance(settings, Sequence) or not settings:
+        raise ValueError(f"settings must be a non-empty sequence of sparsities or (N, M) tuples, got {settings!r}")
+    for k, setting in enumerate(settings):
+        try:
+            if isinstance(setting, tuple):
+                masks.check_model(model, 0.0, setting)
+            else:
+                masks.check_model(model, setting, None)
+        except ValueError as error:
+            raise ValueError(f"settings[{k}]: {error}") from None
+    patterns = [setting if isinstance(setting, tuple) else float(setting) for setting in settings]
+    _check_loop(patterns, block_size, damp)
+    if not isinstance(statistics, dict):
+        raise ValueError("statistics must be the dict of calibration.input_statistics(...) of the dense model")
+    copies = [copy.deepcopy(model) for _ in settings]
+    layers = [calibration.decoder_layers(c) for c in copies]
+    for i, _, _, stats in calibration.statistics_by_layer(model, None, statistics):
+        linears = [{name: m for name, m in copy_layers[i].named_modules() if isinstance(m, torch.nn.Linear)}
+                   for copy_layers in layers]
+        _prune_layer(linears, patterns, stats, block_size, damp)
+    return copies
