@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pybtex.database
@@ -42,6 +43,48 @@ def test_survey_methods_are_all_present():
 def test_repository_is_consistent_with_taxonomy(bibkeys):
     problems = taxonomy.check_repository(taxonomy.load(), ROOT, bibkeys)
     assert problems == []
+
+
+# A citation role ({cite}, {cite:p}, {cite:t}, ...) and the code cells of a jupytext MyST notebook, whose
+# text the book does not render as markdown.
+_CITE = re.compile(r"\{cite(?::[a-z]+)?\}`([^`]*)`")
+_CODE_CELL = re.compile(r"^```\{code-cell\}.*?^```[ \t]*$", flags=re.MULTILINE | re.DOTALL)
+
+
+def cited_keys(markdown: str) -> set[str]:
+    """The bibkeys cited by ``{cite}`` roles in the markdown of a page or a notebook's .md source."""
+    text = _CODE_CELL.sub("", markdown)
+    return {key.strip() for match in _CITE.finditer(text) for key in match.group(1).split(",") if key.strip()}
+
+
+def test_cited_keys_reads_roles_and_skips_code_cells():
+    page = ("See {cite}`a2020x,b2021y` and {cite:t}`c2022z`.\n"
+            "```{code-cell} ipython3\nprint('{cite}`d2023w`')\n```\n"
+            "```{exercise}\n{cite:p}`e2024v`\n```\n")
+    assert cited_keys(page) == {"a2020x", "b2021y", "c2022z", "e2024v"}
+
+
+@pytest.fixture(scope="module")
+def book_citations() -> dict[str, set[str]]:
+    """Cited bibkeys of every notebook source and hand-written book page (the generated taxonomy page,
+    which cites every taxonomy key by construction, is left out)."""
+    pages = sorted((ROOT / "notebooks").glob("*.md")) + sorted((ROOT / "book").glob("*.md"))
+    return {str(p.relative_to(ROOT)): cited_keys(p.read_text(encoding="utf-8"))
+            for p in pages if p.relative_to(ROOT).as_posix() != "book/taxonomy.md"}
+
+
+def test_every_taxonomy_bibkey_is_cited_in_the_book(book_citations):
+    cited = set().union(*book_citations.values())
+    uncited = sorted(taxonomy.load().bibkeys() - cited)
+    assert not uncited, (f"taxonomy bibkeys cited nowhere in notebooks/*.md or book/*.md: {uncited}; cite each "
+                         "in the section of its method")
+
+
+def test_bibliography_and_citations_match(book_citations, bibkeys):
+    cited = set().union(*book_citations.values())
+    unknown = {page: sorted(keys - bibkeys) for page, keys in book_citations.items() if keys - bibkeys}
+    assert not unknown, f"cited keys missing from book/references.bib: {unknown}"
+    assert not sorted(bibkeys - cited), f"references.bib entries cited nowhere: {sorted(bibkeys - cited)}"
 
 
 def _first_method(data):
