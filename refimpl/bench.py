@@ -67,8 +67,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from refimpl.attention import gqa
-from refimpl.attention.decoder import Decoder, rms_norm, rope_theta
-from refimpl.attention.kv_cache import ModelKVCache, apply_rope, rope_frequencies
+from refimpl.attention.decoder import Decoder
+from refimpl.attention.kv_cache import KVCache, ModelKVCache, apply_rope
 from refimpl.evaluate import attention_shape, memory_bandwidth, model_bytes, peak_memory
 from refimpl.quantization import llm_int8
 from refimpl.runtime import progress
@@ -217,55 +217,39 @@ def bench_bandwidth(model: nn.Module, device: torch.device, quick: bool) -> dict
 # --- 2. decode ----------------------------------------------------------------------------------
 
 
-class StaticDecodeStep(nn.Module):
+class StaticDecodeStep(Decoder):
     """One greedy decode step of a Llama with fixed shapes, over a :class:`Decoder`'s weights and a
     :class:`ModelKVCache`'s buffers (the gpt-fast recipe that CUDA graphs need).
 
-    The new token's key and value are written in place at ``position``, and the query attends over
-    all ``max_len`` slots of the cache, masked to slots ``<= position``. Unlike :meth:`Decoder.forward`
-    (which attends over the first ``length`` slots, a growing shape, and keeps ``length`` as a Python
-    int), nothing changes shape or Python state from step to step, so ``torch.compile`` traces it once
-    and ``mode="reduce-overhead"`` can replay it as one CUDA graph. The cache's ``length`` bookkeeping
-    is not updated: use it after a prefill through the decoder, then only through this step.
+    It is the :class:`Decoder` with one method replaced, the attention: the new token's key and value
+    are written in place at ``position``, and the query attends over all ``max_len`` slots of the cache,
+    masked to slots ``<= position``. Unlike :meth:`Decoder.forward` through the cache (which attends
+    over the first ``length`` slots, a growing shape, and keeps ``length`` as a Python int), nothing
+    changes shape or Python state from step to step, so ``torch.compile`` traces it once and
+    ``mode="reduce-overhead"`` can replay it as one CUDA graph. The cache's ``length`` bookkeeping is
+    not updated: use it after a prefill through the decoder, then only through this step.
     """
 
     def __init__(self, decoder: Decoder, cache: ModelKVCache):
-        super().__init__()
         if not isinstance(decoder, Decoder) or not isinstance(cache, ModelKVCache) or len(cache) != len(decoder.layers):
             raise TypeError("decoder must be a Decoder and cache a ModelKVCache with one layer per decoder layer")
         if any(layer.window is not None for layer in cache.layers):
             raise ValueError("StaticDecodeStep needs a cache without a sliding window")
-        self.decoder, self.cache = decoder, cache
-        shape = attention_shape(decoder.model.config)
-        self.n_heads, self.n_kv_heads, self.head_dim = shape.n_heads, shape.n_kv_heads, shape.head_dim
-        self.eps = float(decoder.model.config.rms_norm_eps)
+        super().__init__(decoder.model, decoder.layers)
+        self.cache = cache
         self.register_buffer("slots", torch.arange(cache[0].max_len, device=cache[0].k_cache.device),
                              persistent=False)
 
-    def forward(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                scale: float, cache: KVCache) -> torch.Tensor:
+        cache.k_cache[:, :, positions] = apply_rope(k, positions, self.inv_freq).to(cache.k_cache.dtype)
+        cache.v_cache[:, :, positions] = v.to(cache.v_cache.dtype)
+        scores = gqa.attention_scores(apply_rope(q, positions, self.inv_freq), cache.k_cache, scale)
+        return gqa.attend(scores, cache.v_cache, self.slots[None, :] <= positions[:, None])  # [b, heads, 1, d]
+
+    def forward(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """The greedy next token ``[batch, 1]`` after ``token [batch, 1]`` at ``position`` (``LongTensor[1]``)."""
-        llama = self.decoder.model.model
-        inv_freq = self.decoder.inv_freq
-        mask = self.slots[None, :] <= position[:, None]  # [1, max_len]
-        h = llama.embed_tokens(token)  # [b, 1, hidden]
-        b = token.shape[0]
-        for i, index in enumerate(self.decoder.layers):
-            layer, cache = llama.layers[index], self.cache[i]
-            attn = layer.self_attn
-            x = rms_norm(h, layer.input_layernorm.weight, self.eps)
-            q = attn.q_proj(x).view(b, 1, self.n_heads, self.head_dim).transpose(1, 2)  # [b, heads, 1, d]
-            k = attn.k_proj(x).view(b, 1, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [b, kv_heads, 1, d]
-            v = attn.v_proj(x).view(b, 1, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            cache.k_cache[:, :, position] = apply_rope(k, position, inv_freq).to(cache.k_cache.dtype)
-            cache.v_cache[:, :, position] = v.to(cache.v_cache.dtype)
-            scores = gqa.attention_scores(apply_rope(q, position, inv_freq), cache.k_cache, attn.scaling)
-            out = gqa.attend(scores, cache.v_cache, mask)  # [b, heads, 1, d]
-            h = h + attn.o_proj(out.transpose(1, 2).reshape(b, 1, self.n_heads * self.head_dim))
-            u = rms_norm(h, layer.post_attention_layernorm.weight, self.eps)
-            mlp = layer.mlp
-            h = h + mlp.down_proj(F.silu(mlp.gate_proj(u)) * mlp.up_proj(u))
-        logits = self.decoder.model.lm_head(rms_norm(h, llama.norm.weight, self.eps))  # [b, 1, vocab]
-        return logits.argmax(-1)  # [b, 1]
+        return super().forward(token, self.cache, position, logits_to_keep=1).argmax(-1)
 
 
 def _decoder_prefill(decoder: Decoder, cache: ModelKVCache, prompt: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refimpl._validation import check_layer_indices, check_non_negative_int
-from refimpl.attention.kv_cache import ModelKVCache, cached_attention, rope_frequencies
+from refimpl.attention.kv_cache import KVCache, ModelKVCache, cached_attention, rope_frequencies
 from refimpl.evaluate import attention_shape
 
 
@@ -95,8 +95,14 @@ class Decoder(nn.Module):
         q = attn.q_proj(x).view(b, t, shape.n_heads, shape.head_dim).transpose(1, 2)  # [b, heads, t, d]
         k = attn.k_proj(x).view(b, t, shape.n_kv_heads, shape.head_dim).transpose(1, 2)  # [b, kv_heads, t, d]
         v = attn.v_proj(x).view(b, t, shape.n_kv_heads, shape.head_dim).transpose(1, 2)
-        out = cached_attention(q, k, v, positions, self.inv_freq, attn.scaling, cache)  # [b, heads, t, d]
+        out = self._attend(q, k, v, positions, attn.scaling, cache)  # [b, heads, t, d]
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, shape.n_heads * shape.head_dim))  # [b, t, hidden]
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, scale: float,
+                cache: KVCache | None) -> torch.Tensor:
+        """Attention of the projected new tokens through this layer's cache (a subclass may replace it,
+        e.g. with a fixed-shape version for CUDA graphs)."""
+        return cached_attention(q, k, v, positions, self.inv_freq, scale, cache)
 
     def forward(self, input_ids: torch.Tensor, cache: ModelKVCache | None = None,
                 positions: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
