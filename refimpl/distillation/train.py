@@ -396,6 +396,14 @@ def student_digest(recipe: StudentRecipe, data: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
+def student_folder(recipe: StudentRecipe, data: torch.Tensor, name: str = "student") -> Path:
+    """Where :func:`cached_student` keeps the student ``recipe`` makes from ``data``:
+    ``<cache>/students/<name>-<digest>``. It holds a finished student when ``student.json`` is there."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise ValueError(f"name must be a non-empty str of letters, digits, '.', '_' or '-', got {name!r}")
+    return cache_dir() / "students" / f"{name}-{student_digest(recipe, data)}"
+
+
 def cached_student(recipe: StudentRecipe, teacher: "PreTrainedModel", data: torch.Tensor, name: str = "student",
                    tokenizer: "PreTrainedTokenizerBase | None" = None) -> tuple["PreTrainedModel", dict[str, Any]]:
     """The student ``recipe`` describes, from ``<cache>/students/<name>-<digest>`` when it was saved
@@ -420,7 +428,7 @@ def cached_student(recipe: StudentRecipe, teacher: "PreTrainedModel", data: torc
         raise ValueError(f"name must be a non-empty str of letters, digits, '.', '_' or '-', got {name!r}")
     _check_model("teacher", teacher)
     digest = student_digest(recipe, data)
-    folder = cache_dir() / "students" / f"{name}-{digest}"
+    folder = student_folder(recipe, data, name)
     record_path = folder / "student.json"
     parameter = next(teacher.parameters())
     if record_path.is_file():

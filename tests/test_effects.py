@@ -1,0 +1,367 @@
+"""refimpl.effects: the effects table. Fast tests run every row on a tiny random Llama with a shrunken
+protocol; the slow test recomputes a sample of the committed table on the real model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CharTokenizer, make_tiny_llama
+from refimpl import data, effects, taxonomy
+
+TINY = effects.Protocol(eval_seq_len=32, eval_n_blocks=2, eval_use=2, ptq_calibration=(64, 2),
+                        pruning_calibration=(64, 2), importance_tokens=32, prefill_tokens=16, decode_prompt=8,
+                        decode_tokens=2, timing_rounds=1, timing_warmup_rounds=0)
+COMMITTED = Path(__file__).resolve().parent.parent / "results" / "effects"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """refimpl's cache in a temporary folder (no student of a tiny model lands in the user's), with the
+    corpora read once from the real cache first."""
+    for name in data.CORPORA:
+        for split in data.SPLITS:
+            data.load_text(name, split)  # kept in memory for the rest of the session
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("cache")
+        patch.setenv("REFIMPL_CACHE", str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny_llama(), CharTokenizer()
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny, cache, tmp_path_factory):
+    """Every row on the tiny model, once: (out folder, returned records, the model's state before)."""
+    out = tmp_path_factory.mktemp("effects")
+    before = {name: t.clone() for name, t in tiny[0].state_dict().items()}
+    records = effects.run_effects(out, tiny, model_name="tiny-llama", protocol=TINY, command=["test"])
+    return out, records, before
+
+
+def _by_row(records):
+    return {r["row"]: r for r in records}
+
+
+# --- the registry -----------------------------------------------------------------------------
+
+
+def test_registry_covers_every_implemented_method():
+    methods = taxonomy.load().methods
+    implemented = {m.id for m in methods if m.status == "implemented"}
+    in_rows = {m for row in effects.ROWS for m in row.methods}
+    assert in_rows <= implemented, f"rows name methods that are not implemented: {in_rows - implemented}"
+    assert not in_rows & set(effects.NOT_A_ROW), "a method is both a row and listed as not a row"
+    missing = implemented - in_rows - set(effects.NOT_A_ROW)
+    assert not missing, f"implemented methods neither in a row nor in NOT_A_ROW: {sorted(missing)}"
+    assert set(effects.NOT_A_ROW) <= {m.id for m in methods}, "NOT_A_ROW names a method the taxonomy lacks"
+    assert len(set(effects.ROW_IDS)) == len(effects.ROWS)
+    assert effects.ROWS[0].id == "dense"
+    for row in effects.ROWS:
+        assert all(part in effects.FAMILIES for part in row.family.split("+")), row.id
+        assert row.settings and row.evaluated and row.kernel, row.id
+        assert row.combination == ("+" in row.family), row.id
+    assert set(effects.DEFAULT_CHECK_ROWS) <= set(effects.ROW_IDS)
+    for i, row in enumerate(effects.ROWS):
+        assert set(row.reuses) <= set(effects.ROW_IDS[:i]), f"{row.id} reuses a row that does not come before it"
+
+
+def test_a_reused_step_is_made_once(tiny, cache):
+    model, tokenizer = tiny
+    ctx = effects.Context(model, tokenizer, "tiny-llama", TINY)
+    ctx.keep_for_reuse = {"sparsegpt-50"}
+    rows = {row.id: row for row in effects.ROWS}
+    alone = effects.measure_row(rows["sparsegpt-50"], ctx, timing=False)
+    assert set(ctx._models) == {"sparsegpt-50"}
+    joint = effects.measure_row(rows["sparsegpt-50+gptq-w4g64"], ctx, timing=False)
+    assert joint["apply_s"] > alone["apply_s"] and joint["calibration_s"] > alone["calibration_s"]
+    fresh = effects.Context(model, tokenizer, "tiny-llama", TINY)  # nothing kept: made again, the same result
+    assert effects.measure_row(rows["sparsegpt-50+gptq-w4g64"], fresh, timing=False)["ppl_shakespeare"] == \
+        joint["ppl_shakespeare"]
+    assert fresh._models == {}
+
+
+def test_list_names_every_row_and_every_excluded_method(capsys):
+    assert effects.main(["--list"]) == 0
+    listed = capsys.readouterr().out
+    for row_id in effects.ROW_IDS:
+        assert row_id in listed
+    for method_id in effects.NOT_A_ROW:
+        assert method_id in listed
+    from refimpl import __main__ as cli
+
+    assert cli.main(["effects", "--list"]) == 0
+    assert "gptq-w4g64" in capsys.readouterr().out
+    assert cli.main(["nonsense"]) == 2
+    assert "effects" in capsys.readouterr().err
+
+
+def test_select_rows_by_row_taxonomy_id_or_family():
+    ids = lambda methods: [r.id for r in effects.select_rows(methods)]  # noqa: E731
+    assert ids(None) == list(effects.ROW_IDS)
+    assert ids("gptq") == ["dense", "gptq-w4g64"]  # a taxonomy id selects single-method rows only
+    assert ids("magnitude-pruning") == ["dense", "magnitude-50", "magnitude-2of4"]
+    assert ids(["architecture", "mqa+kv-int8"]) == ["dense", "mqa", "mqa+kv-int8"]
+    assert ids("sparsegpt-50+gptq-w4g64,rtn-w8") == ["dense", "rtn-w8", "sparsegpt-50+gptq-w4g64"]
+
+
+@pytest.mark.parametrize("methods", ["foo", "gptq,nonsense", ""])
+def test_unknown_method_names_the_valid_ones(methods, tmp_path, capsys):
+    with pytest.raises(ValueError, match="gptq-w4g64" if methods else "empty"):
+        effects.select_rows(methods)
+    with pytest.raises(SystemExit):
+        effects.main(["--methods", methods, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "valid row ids" in err or "empty" in err
+    assert not (tmp_path / "out").exists()  # nothing written before the arguments are checked
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "meta"])
+def test_bad_device_is_rejected(device, tmp_path, capsys):
+    with pytest.raises(ValueError, match="device"):
+        effects.run_effects(tmp_path / "out", "smollm2-135m", device=device)
+    with pytest.raises(SystemExit):
+        effects.main(["--device", device, "--out", str(tmp_path / "out")])
+    assert device in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_gpu_is_rejected():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        effects.resolve_device("cuda")
+
+
+def test_bad_out_is_rejected(tmp_path, tiny, capsys):
+    a_file = tmp_path / "table.csv"
+    a_file.write_text("not a folder")
+    with pytest.raises(ValueError, match="is a file"):
+        effects.run_effects(a_file, tiny, methods="dense", protocol=TINY)
+    with pytest.raises(SystemExit):
+        effects.main(["--out", str(a_file)])
+    assert "is a file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="cannot be created"):
+        effects.check_out(a_file / "below")
+    with pytest.raises(SystemExit):
+        effects.main([])  # --out is required
+    assert "--out is required" in capsys.readouterr().err
+
+
+# --- a whole run on a tiny model ----------------------------------------------------------------
+
+
+def test_every_row_runs_and_the_files_are_written(full_run):
+    out, records, _ = full_run
+    assert [r["row"] for r in records] == list(effects.ROW_IDS)
+    csv_path, md_path, json_path = (out / f"tiny-llama.{ext}" for ext in ("csv", "md", "json"))
+    with open(csv_path, newline="") as f:
+        header = next(csv.reader(f))
+    assert header == [name for name, _, _ in effects.COLUMNS]
+    assert effects.read_table(csv_path) == records
+    rows = _by_row(records)
+    for row_id, r in rows.items():
+        if row_id == "kd-student":
+            continue
+        assert r["status"] == "ok", (row_id, r["reason"])
+        assert r["model"] == "tiny-llama" and r["device"] == "cpu" and r["key"]
+        assert isinstance(r["weight_bytes"], int) and r["weight_bytes"] > 0
+        for column in ("kv_bytes_per_token", "prefill_tokens_per_s", "decode_tokens_per_s", "prefill_speedup",
+                       "decode_speedup", *(f"ppl_{c}" for c in data.CORPORA)):
+            assert math.isfinite(r[column]) and r[column] > 0, (row_id, column)
+        assert r["apply_s"] >= 0 and r["calibration_s"] >= 0
+        assert r["needs_calibration"] == bool(r["calibration_data"])
+        assert r["needs_training"] == bool(r["training_data"])
+    markdown = md_path.read_text()
+    for table in markdown.split("\n\n"):  # every line of a table has the header's number of cells
+        lines = [line for line in table.splitlines() if line.startswith("|")]
+        cells = {len(re.findall(r"(?<!\\)\|", line)) for line in lines}
+        assert len(cells) <= 1, table
+    assert "\\|w\\|" in markdown  # a | inside a cell is escaped
+    for row_id in rows:
+        assert f"`{row_id}`" in markdown if row_id == "kd-student" else f"| {row_id} |" in markdown
+    provenance = json.loads(json_path.read_text())
+    assert provenance["model"] == "tiny-llama" and provenance["torch"] == torch.__version__
+    assert provenance["protocol"] == {k: list(v) if isinstance(v, tuple) else v
+                                      for k, v in vars(TINY).items()}
+    assert provenance["machine"]["cpu"] and provenance["transformers"]
+    run = provenance["runs"][-1]
+    assert run["command"] == ["test"] and run["date"] and "commit" in run["git"]
+    assert run["skipped"] == ["kd-student"] and len(run["measured"]) == len(effects.ROWS) - 1
+
+
+def test_the_given_model_is_not_modified(tiny, full_run):
+    _, _, before = full_run
+    after = tiny[0].state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    assert tiny[0].config.num_key_value_heads == 2 and tiny[0].config.num_hidden_layers == 2
+
+
+def test_the_student_needing_training_is_skipped_with_the_reason(full_run):
+    student = _by_row(full_run[1])["kd-student"]
+    assert student["status"] == "skipped" and "--train" in student["reason"] and "cache" in student["reason"]
+    assert student["weight_bytes"] is None
+
+
+def test_measured_effects_have_the_expected_direction(full_run):
+    rows = _by_row(full_run[1])
+    dense = rows["dense"]
+    assert dense["weight_fraction"] == 1.0
+    assert rows["rtn-w4g64"]["weight_bytes"] < rows["rtn-w8"]["weight_bytes"] < dense["weight_bytes"]
+    assert rows["llm-qat-w3g64"]["weight_bytes"] < rows["rtn-w4g64"]["weight_bytes"]
+    assert rows["gptq-w4g64"]["weight_bytes"] == rows["rtn-w4g64"]["weight_bytes"]  # the same packed layout
+    for row_id in ("magnitude-2of4", "wanda-2of4", "sparsegpt-2of4"):
+        assert rows[row_id]["zero_fraction"] == pytest.approx(0.5, abs=0.01)
+        assert rows[row_id]["weight_bytes"] == dense["weight_bytes"]  # zeros stored densely
+    for row_id in ("llm-pruner-mlp", "shortgpt-depth", "head-pruning-kv-group"):
+        assert rows[row_id]["weight_bytes"] < dense["weight_bytes"]
+    assert rows["mqa"]["kv_bytes_per_token"] == dense["kv_bytes_per_token"] / 2  # 2 key-value heads -> 1
+    assert rows["kv-int8"]["kv_bytes_per_token"] < dense["kv_bytes_per_token"] / 3  # int8 codes + scales
+    assert rows["kv-int8"]["weight_bytes"] == dense["weight_bytes"]
+    assert rows["dense"]["calibration_s"] == 0 and rows["gptq-w4g64"]["calibration_s"] > 0
+
+
+def test_combinations_run(full_run):
+    rows = _by_row(full_run[1])
+    joint = rows["sparsegpt-50+gptq-w4g64"]
+    assert joint["weight_bytes"] == rows["gptq-w4g64"]["weight_bytes"]
+    assert joint["zero_fraction"] >= rows["sparsegpt-50"]["zero_fraction"] - 1e-9  # pruned weights stay zero
+    assert joint["apply_s"] > rows["sparsegpt-50"]["apply_s"]  # it pays for the pruning it reuses
+    pruned_quantized = rows["llm-pruner-mlp-lora+gptq-w4g64"]
+    assert pruned_quantized["weight_bytes"] < min(rows["llm-pruner-mlp-lora"]["weight_bytes"],
+                                                  rows["gptq-w4g64"]["weight_bytes"])
+    mqa_int8 = rows["mqa+kv-int8"]
+    assert mqa_int8["weight_bytes"] == rows["mqa"]["weight_bytes"]
+    assert mqa_int8["kv_bytes_per_token"] < rows["mqa"]["kv_bytes_per_token"] / 3
+    assert mqa_int8["ppl_docstrings"] == pytest.approx(rows["mqa"]["ppl_docstrings"], rel=0.05)
+
+
+def test_a_second_run_skips_what_is_done(full_run, tiny):
+    out, records, _ = full_run
+    start = time.perf_counter()
+    again = effects.run_effects(out, tiny, model_name="tiny-llama", protocol=TINY)
+    assert time.perf_counter() - start < 20  # nothing measured again (only the skipped student retried)
+    assert [r for r in again if r["row"] != "kd-student"] == [r for r in records if r["row"] != "kd-student"]
+    run = json.loads((out / "tiny-llama.json").read_text())["runs"][-1]
+    assert run["measured"] == [] and run["skipped"] == ["kd-student"]
+    assert run["kept"] == [r for r in effects.ROW_IDS if r != "kd-student"]
+
+
+def test_a_changed_key_measures_the_row_again(full_run, tiny, tmp_path):
+    out, records, _ = full_run
+    copy_dir = tmp_path / "copy"
+    copy_dir.mkdir()
+    for path in out.iterdir():
+        (copy_dir / path.name).write_bytes(path.read_bytes())
+    table = copy_dir / "tiny-llama.csv"
+    stale = effects.read_table(table)
+    next(r for r in stale if r["row"] == "rtn-w8")["key"] = "000000000000"
+    effects.write_csv(table, stale)
+    effects.run_effects(copy_dir, tiny, methods="rtn-w8", model_name="tiny-llama", protocol=TINY)
+    run = json.loads((copy_dir / "tiny-llama.json").read_text())["runs"][-1]
+    assert run["measured"] == ["rtn-w8"] and run["kept"] == ["dense"]
+    rows = _by_row(effects.read_table(table))
+    assert rows["rtn-w8"]["key"] == effects.row_key(effects.ROWS[1], TINY)
+    assert rows["rtn-w8"]["ppl_shakespeare"] == _by_row(records)["rtn-w8"]["ppl_shakespeare"]  # deterministic
+    assert len(rows) == len(effects.ROWS)  # the other rows are kept
+
+
+def test_the_key_follows_the_protocol_and_the_row():
+    gptq = next(r for r in effects.ROWS if r.id == "gptq-w4g64")
+    assert effects.row_key(gptq) == effects.row_key(gptq)
+    assert effects.row_key(gptq) != effects.row_key(gptq, TINY)
+    assert len({effects.row_key(row) for row in effects.ROWS}) == len(effects.ROWS)
+
+
+def test_train_makes_the_student_and_the_cache_keeps_it(tiny, cache, tmp_path):
+    records = effects.run_effects(tmp_path, tiny, methods="kd-student", model_name="tiny-llama", protocol=TINY,
+                                  train=True)
+    student = _by_row(records)["kd-student"]
+    assert student["status"] == "ok", student["reason"]
+    assert "trained now" in student["notes"] and student["apply_s"] > 0
+    assert student["weight_bytes"] < _by_row(records)["dense"]["weight_bytes"]
+    assert list((cache / "students").glob("tiny-llama-kd-*/student.json"))
+    (tmp_path / "tiny-llama.csv").unlink()
+    again = _by_row(effects.run_effects(tmp_path, tiny, methods="kd-student", model_name="tiny-llama",
+                                        protocol=TINY))["kd-student"]
+    assert again["status"] == "ok" and "loaded from the cache" in again["notes"]
+    assert again["ppl_shakespeare"] == student["ppl_shakespeare"]
+    assert again["apply_s"] == pytest.approx(student["apply_s"], rel=0.5)  # the recorded training time
+
+
+def test_check_table_recomputes_and_catches_a_difference(full_run, tiny, tmp_path):
+    out, _, _ = full_run
+    checks = effects.check_table(out / "tiny-llama.csv", model=tiny)
+    assert [c.row for c in checks] == list(effects.DEFAULT_CHECK_ROWS)
+    assert all(c.ok and c.key_matches for c in checks), effects.format_checks(checks)
+    assert set(checks[0].compared) == {*(f"ppl_{c}" for c in data.CORPORA), "weight_bytes", "kv_bytes_per_token",
+                                       "zero_fraction"}
+
+    for path in out.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    table = tmp_path / "tiny-llama.csv"
+    records = effects.read_table(table)
+    changed = next(r for r in records if r["row"] == "rtn-w4g64")
+    changed["ppl_docstrings"] *= 1.01
+    changed["weight_bytes"] += 1
+    effects.write_csv(table, records)
+    check = effects.check_table(table, model=tiny, rows=["rtn-w4g64"])[0]
+    assert not check.ok and len(check.mismatches) == 2
+    assert "ppl_docstrings" in effects.format_checks([check]) and "DIFFERS" in effects.format_checks([check])
+    with pytest.raises(ValueError, match="not measured"):
+        effects.check_table(table, model=tiny, rows=["kd-student"])
+    with pytest.raises(ValueError, match="unknown rows"):
+        effects.check_table(table, model=tiny, rows=["nope"])
+
+
+def test_zero_fraction_reads_packed_layers(tiny):
+    from refimpl.quantization import packed
+
+    model = make_tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.zero_()
+    dense = effects.zero_fraction(model)
+    assert dense >= model.model.layers[0].mlp.up_proj.weight.numel() / sum(
+        m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    assert effects.zero_fraction(packed.pack_model(model, 8, group_size=64)) >= dense
+
+
+def test_command_line_on_a_model_folder(tiny_model_folder, tmp_path, cache):
+    folder, _, _ = tiny_model_folder
+    out = tmp_path / "out"
+    argv = ["--model", str(folder), "--out", str(out), "--methods", "rtn-w8", "--threads", "2"]
+    assert effects.main(argv) == 0
+    stem = effects.table_stem(str(folder))
+    records = effects.read_table(out / f"{stem}.csv")
+    assert [r["row"] for r in records] == ["dense", "rtn-w8"] and all(r["status"] == "ok" for r in records)
+    provenance = json.loads((out / f"{stem}.json").read_text())
+    assert provenance["runs"][-1]["command"][1:] == argv
+    assert provenance["protocol"]["eval_seq_len"] == 256  # the default protocol
+    assert "rtn-w8" in (out / f"{stem}.md").read_text()
+
+
+# --- the committed table ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_committed_table_recomputes_on_the_real_model(request):
+    """One quantization, one pruning and one architecture row of the committed table, recomputed."""
+    table = COMMITTED / "smollm2-135m.csv"
+    if not table.is_file():
+        pytest.skip(f"{table} does not exist yet: make it with "
+                    "`python -m refimpl effects --model smollm2-135m --out results/effects`")
+    smollm2 = request.getfixturevalue("smollm2")  # loaded only when there is a table to check
+    checks = effects.check_table(table, model=smollm2, model_name="smollm2-135m")
+    families = {next(r for r in effects.ROWS if r.id == c.row).family for c in checks}
+    assert {"quantization", "pruning", "architecture"} <= families, effects.format_checks(checks)
+    assert all(c.ok for c in checks), effects.format_checks(checks)
