@@ -1,0 +1,109 @@
+"""refimpl.tradeoffs: quality, fronts, combinations and choices over effects-table rows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from refimpl import effects, tradeoffs
+
+
+def row(name, mib, ppl_s, ppl_d, kv=100.0, family="quantization", training=False, decode=1.0, status="ok"):
+    return {"row": name, "status": status, "family": family, "weight_bytes": mib * 2**20, "ppl_shakespeare": ppl_s,
+            "ppl_docstrings": ppl_d, "kv_bytes_per_token": kv, "needs_training": training, "decode_speedup": decode}
+
+
+@pytest.fixture
+def records():
+    return [row("dense", 100, 10.0, 20.0, decode=1.0, family="baseline"),
+            row("a", 50, 12.0, 22.0, decode=0.5),
+            row("b", 100, 15.0, 30.0, kv=25.0, decode=1.5),
+            row("a+b", 50, 18.0, 34.0, kv=25.0),
+            row("worse", 60, 40.0, 80.0),
+            row("trained", 30, 11.0, 21.0, training=True),
+            row("broken", 1, 1.0, 1.0, status="skipped")]
+
+
+def test_quality_is_the_geometric_mean_of_the_corpora():
+    assert tradeoffs.quality(row("x", 1, 4.0, 9.0)) == pytest.approx(6.0)
+    dense = row("dense", 1, 10.0, 10.0)
+    assert tradeoffs.quality_ratio(row("x", 1, 20.0, 5.0), dense) == pytest.approx(1.0)
+    assert tradeoffs.quality_ratio(row("x", 1, 20.0, 20.0), dense) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), None, "12"])
+def test_quality_rejects_missing_or_invalid_perplexities(bad):
+    with pytest.raises(ValueError, match="ppl_shakespeare"):
+        tradeoffs.quality(row("x", 1, bad, 2.0))
+
+
+def test_measured_keeps_ok_rows_and_needs_dense(records):
+    assert list(tradeoffs.measured(records)) == ["dense", "a", "b", "a+b", "worse", "trained"]
+    with pytest.raises(ValueError, match="dense"):
+        tradeoffs.measured(records[1:])
+    with pytest.raises(TypeError, match="records"):
+        tradeoffs.measured("results/effects/smollm2-135m.csv")
+
+
+def test_front_against_bytes_and_against_a_benefit(records):
+    # by bytes: trained (30 MiB) beats everything larger except dense, the best quality
+    assert tradeoffs.front(records, "weight_bytes") == ["trained", "dense"]
+    records.append(row("tiny", 10, 100.0, 100.0))
+    assert tradeoffs.front(records, "weight_bytes") == ["tiny", "trained", "dense"]
+    # by speed (higher is better): b is fastest, dense is the best quality, a is dominated by dense
+    front = tradeoffs.front(records, "decode_speedup", higher_is_better=True)
+    assert front[0] == "b" and "dense" in front and "a" not in front
+    assert tradeoffs.front(records, lambda r: r["kv_bytes_per_token"]) == ["b", "dense"]
+
+
+def test_front_rejects_a_missing_column(records):
+    with pytest.raises(ValueError, match="prefill_speedup"):
+        tradeoffs.front(records, "prefill_speedup")
+
+
+def test_combination_against_independent_losses(records):
+    c = tradeoffs.combination(records, "a+b")
+    assert c.parts == ("a", "b")
+    # predicted: dense * (a / dense) * (b / dense) per corpus
+    assert c.ppl_predicted["shakespeare"] == pytest.approx(10.0 * 1.2 * 1.5)
+    assert c.ppl_predicted["docstrings"] == pytest.approx(20.0 * 1.1 * 1.5)
+    assert c.ppl_ratio["shakespeare"] == pytest.approx(18.0 / 18.0)
+    assert c.ppl_ratio["docstrings"] == pytest.approx(34.0 / 33.0)
+    assert c.weight_fraction == pytest.approx(0.5) and c.weight_fraction_predicted == pytest.approx(0.5)
+    assert c.kv_fraction == pytest.approx(0.25) and c.kv_fraction_predicted == pytest.approx(0.25)
+    explicit = tradeoffs.combination(records, "worse", parts=["a", "b"])
+    assert explicit.ppl_ratio["shakespeare"] == pytest.approx(40.0 / 18.0)
+
+
+def test_combination_rejects_unknown_rows_and_parts(records):
+    with pytest.raises(ValueError, match="'c\\+d' is not a measured row"):
+        tradeoffs.combination(records, "c+d")
+    with pytest.raises(ValueError, match="parts must name"):
+        tradeoffs.combination(records, "a")
+    with pytest.raises(ValueError, match="broken"):
+        tradeoffs.combination(records, "worse", parts=["a", "broken"])
+
+
+def test_choose_minimizes_within_the_quality_budget(records):
+    assert tradeoffs.choose(records, "weight_bytes", 1.0)["row"] == "dense"
+    assert tradeoffs.choose(records, "weight_bytes", 1.2)["row"] == "trained"
+    assert tradeoffs.choose(records, "weight_bytes", 1.2, where=lambda r: not r["needs_training"])["row"] == "a"
+    assert tradeoffs.choose(records, "kv_bytes_per_token", 1.01, where=lambda r: r["row"] == "b") is None
+    assert tradeoffs.choose(records, "kv_bytes_per_token", 2.0)["row"] == "b"  # ties at 25 B: b is better than a+b
+
+
+@pytest.mark.parametrize("budget", [0.9, "1.1", None, float("nan")])
+def test_choose_rejects_a_bad_budget(records, budget):
+    with pytest.raises(ValueError, match="max_quality_ratio"):
+        tradeoffs.choose(records, "weight_bytes", budget)
+
+
+def test_committed_table_reads_and_its_combinations_have_parts():
+    records = effects.read_table(tradeoffs.RESULTS / "effects" / "smollm2-135m.csv")
+    table = tradeoffs.measured(records)
+    combinations = [r for r in table if "+" in r]
+    assert combinations, "the committed table has no combination rows"
+    for name in combinations:
+        c = tradeoffs.combination(records, name)
+        assert all(math.isfinite(v) and v > 0 for v in c.ppl_ratio.values())
