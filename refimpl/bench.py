@@ -34,9 +34,9 @@ the run, after the sections done so far have been written):
     backend against the math backend (which materializes the ``L x L`` score matrix) across sequence
     lengths: time, ratio, and on CUDA the peak memory.
 ``sparse_2_4``
-    A ``Linear`` with a 2:4 semi-structured sparse weight (``torch.sparse.to_sparse_semi_structured``;
-    cuSPARSELt or CUTLASS, CUDA fp16/bf16 only) against the dense one, at SmolLM2's MLP shape and at
-    8192 x 8192, for a few tokens and for many.
+    A ``Linear`` with a 2:4 semi-structured sparse weight (``torch.sparse.to_sparse_semi_structured``,
+    CUDA fp16/bf16 only) against the dense one, with both of torch's kernel paths (cuSPARSELt and
+    CUTLASS), at SmolLM2's MLP shape and at 8192 x 8192, for a few tokens and for many.
 ``weight_only``
     Weight-only quantized matmul kernels against the dense one: int8 per-channel
     (``torch._weight_int8pack_mm``) and packed int4 in groups (``torch._weight_int4pack_mm``, the
@@ -185,6 +185,40 @@ def _check_close(name: str, out: torch.Tensor, reference: torch.Tensor, toleranc
     if not math.isfinite(error) or error > tolerance:
         raise AssertionError(f"{name}: relative error {error:.3g} against the reference exceeds {tolerance}")
     return error
+
+
+_DEVICE_SUPPORT = re.compile(r"could not run|not implemented|not supported|no kernel|only supported|"
+                             r"supports only|requires|sm_?\d|compute capability|backend|architecture|"
+                             r"is only available", re.IGNORECASE)
+
+
+def _support_failure(exc: BaseException) -> str | None:
+    if isinstance(exc, NotImplementedError) or (isinstance(exc, RuntimeError) and _DEVICE_SUPPORT.search(str(exc))):
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
+    return None
+
+
+def _attempt(fn: Callable[[], Any]) -> tuple[Any, str | None]:
+    """``(fn(), None)``, or ``(None, reason)`` when ``fn`` fails because the device lacks the kernel
+    (any other error propagates)."""
+    try:
+        return fn(), None
+    except (NotImplementedError, RuntimeError) as exc:
+        reason = _support_failure(exc)
+        if reason is None:
+            raise
+        return None, reason
+
+
+def _checked_timing(name: str, run: Callable[[], torch.Tensor], reference: torch.Tensor,
+                    device: torch.device) -> dict[str, Any] | str:
+    """Run a kernel once and check it against ``reference``, then time it; the skip reason instead if
+    the device cannot run it."""
+    out, reason = _attempt(run)
+    if reason is not None:
+        return reason
+    error = _check_close(name, out, reference, 2e-2)
+    return {"ms": 1e3 * median_time(run, device, repeats=7, warmup=3), "relative_error": error}
 
 
 # --- 1. bandwidth and roofline ------------------------------------------------------------------
@@ -470,14 +504,31 @@ def _sparse_unavailable(device: torch.device) -> str | None:
     return None
 
 
+#: torch's two kernel paths for semi-structured sparse matmuls: ``SparseSemiStructuredTensor._FORCE_CUTLASS``
+#: picks the class ``to_sparse_semi_structured`` returns.
+SPARSE_BACKENDS = {"cusparselt": False, "cutlass": True}
+
+
+def _to_sparse(weight: torch.Tensor, backend: str) -> tuple[torch.Tensor | None, str | None]:
+    """``weight`` in the semi-structured sparse format of ``backend``, or ``(None, reason)`` when this
+    torch build or device lacks that backend."""
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    previous = SparseSemiStructuredTensor._FORCE_CUTLASS
+    SparseSemiStructuredTensor._FORCE_CUTLASS = SPARSE_BACKENDS[backend]
+    try:
+        return _attempt(lambda: to_sparse_semi_structured(weight))
+    finally:
+        SparseSemiStructuredTensor._FORCE_CUTLASS = previous
+
+
 @torch.inference_mode()
 def bench_sparse_2_4(device: torch.device, quick: bool) -> dict[str, Any]:
-    """Dense ``F.linear`` against the same 2:4-pruned weight in semi-structured sparse form."""
+    """Dense ``F.linear`` against the same 2:4-pruned weight in semi-structured sparse form, with each of
+    torch's backends (:data:`SPARSE_BACKENDS`)."""
     reason = _sparse_unavailable(device)
     if reason:
         return {"skipped": reason}
-    from torch.sparse import to_sparse_semi_structured
-
     dtype = compute_dtype(device)
     shapes = ((1536, 576),) if quick else ((1536, 576), (8192, 8192))
     rows = (16,) if quick else (16, 4096)
@@ -485,22 +536,25 @@ def bench_sparse_2_4(device: torch.device, quick: bool) -> dict[str, Any]:
     for out_features, in_features in shapes:
         generator = torch.Generator().manual_seed(out_features)
         weight = prune_2_4(torch.randn(out_features, in_features, generator=generator)).to(device, dtype)
-        try:
-            sparse = to_sparse_semi_structured(weight)
-        except (RuntimeError, NotImplementedError) as exc:
-            if not _is_unavailable_kernel(exc):
-                raise
-            return {"skipped": f"to_sparse_semi_structured failed: {str(exc)[:300]}"}
+        sparse = {backend: _to_sparse(weight, backend) for backend in SPARSE_BACKENDS}
         for n in rows:
             x = torch.randn(n, in_features, generator=generator).to(device, dtype)
-            error = _check_close(f"2:4 sparse {out_features}x{in_features}", F.linear(x, sparse),
-                                 F.linear(x, weight), 2e-2)
             dense_ms = 1e3 * median_time(lambda: F.linear(x, weight), device, repeats=7, warmup=3)
-            sparse_ms = 1e3 * median_time(lambda: F.linear(x, sparse), device, repeats=7, warmup=3)
-            entries.append({"out_features": out_features, "in_features": in_features, "tokens": n,
-                            "dense_ms": dense_ms, "sparse_ms": sparse_ms, "dense_over_sparse": dense_ms / sparse_ms,
-                            "relative_error": error})
-    return {"dtype": str(dtype).removeprefix("torch."), "sparse_type": type(sparse).__name__, "shapes": entries}
+            entry: dict[str, Any] = {"out_features": out_features, "in_features": in_features, "tokens": n,
+                                     "dense_ms": dense_ms}
+            for backend, (matrix, skipped) in sparse.items():
+                if matrix is None:
+                    entry[backend] = {"skipped": skipped}
+                    continue
+                timing = _checked_timing(f"2:4 sparse ({backend}) {out_features}x{in_features}",
+                                         lambda: F.linear(x, matrix), F.linear(x, weight), device)
+                if isinstance(timing, str):
+                    entry[backend] = {"skipped": timing}
+                    continue
+                entry[backend] = {"class": type(matrix).__name__, "sparse_ms": timing["ms"],
+                                  "dense_over_sparse": dense_ms / timing["ms"], "relative_error": timing["relative_error"]}
+            entries.append(entry)
+    return {"dtype": str(dtype).removeprefix("torch."), "backends": list(SPARSE_BACKENDS), "shapes": entries}
 
 
 # --- 5. weight-only int8 / int4 -----------------------------------------------------------------
@@ -532,17 +586,6 @@ def _check_schema(name: str, expected: list[str]) -> str | None:
     return None
 
 
-_DEVICE_SUPPORT = re.compile(r"could not run|not implemented|not supported|no kernel|only supported|"
-                             r"supports only|requires|sm_?\d|compute capability|backend|architecture|"
-                             r"is only available", re.IGNORECASE)
-
-
-def _support_failure(exc: BaseException) -> str | None:
-    if isinstance(exc, NotImplementedError) or (isinstance(exc, RuntimeError) and _DEVICE_SUPPORT.search(str(exc))):
-        return f"{type(exc).__name__}: {str(exc)[:300]}"
-    return None
-
-
 def quantize_int4_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric 4-bit groups along the input dimension, tinygemm's convention: codes ``q`` in
     ``0..15`` (int32 ``[out, in]``), and per group a scale and a zero with
@@ -564,29 +607,6 @@ def dequantize_int4_groups(codes: torch.Tensor, scales: torch.Tensor, zeros: tor
     out_features, in_features = codes.shape
     q = codes.float().reshape(out_features, -1, group_size)
     return ((q - 8) * scales[..., None] + zeros[..., None]).reshape(out_features, in_features)
-
-
-def _attempt(fn: Callable[[], Any]) -> tuple[Any, str | None]:
-    """``(fn(), None)``, or ``(None, reason)`` when ``fn`` fails because the device lacks the kernel
-    (any other error propagates)."""
-    try:
-        return fn(), None
-    except (NotImplementedError, RuntimeError) as exc:
-        reason = _support_failure(exc)
-        if reason is None:
-            raise
-        return None, reason
-
-
-def _checked_timing(name: str, run: Callable[[], torch.Tensor], reference: torch.Tensor,
-                    device: torch.device) -> dict[str, Any] | str:
-    """Run a kernel once and check it against ``reference``, then time it; the skip reason instead if
-    the device cannot run it."""
-    out, reason = _attempt(run)
-    if reason is not None:
-        return reason
-    error = _check_close(name, out, reference, 2e-2)
-    return {"ms": 1e3 * median_time(run, device, repeats=7, warmup=3), "relative_error": error}
 
 
 def _int8_entry(weight: torch.Tensor, x: torch.Tensor, device: torch.device) -> dict[str, Any] | str:

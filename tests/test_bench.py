@@ -136,6 +136,17 @@ def test_prune_2_4_keeps_two_largest_of_four():
     assert torch.equal(bench.prune_2_4(weight), torch.tensor([[0.0, -4.0, 3.0, 0.0, 0.0, 0.0, -0.3, 0.4]]))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip on a machine without CUDA")
+@pytest.mark.parametrize("backend", list(bench.SPARSE_BACKENDS))
+def test_sparse_backend_unavailable_is_a_reason_and_the_flag_is_restored(backend):
+    from torch.sparse import SparseSemiStructuredTensor
+
+    before = SparseSemiStructuredTensor._FORCE_CUTLASS
+    matrix, reason = bench._to_sparse(bench.prune_2_4(torch.randn(64, 64)).half(), backend)
+    assert matrix is None and "RuntimeError" in reason
+    assert SparseSemiStructuredTensor._FORCE_CUTLASS == before
+
+
 def test_int4_groups_round_trip():
     weight = torch.randn(16, 128, generator=torch.Generator().manual_seed(0))
     codes, scales, zeros = bench.quantize_int4_groups(weight, group_size=32)
