@@ -468,6 +468,16 @@ def _mlp_channels_gptq(model: nn.Module, ctx: Context) -> nn.Module:
     return _gptq(_mlp_channels(model, ctx, recover=True), ctx, statistics=None)
 
 
+def _student_gptq(model: nn.Module, ctx: Context) -> nn.Module:
+    """Chapter 06's student (structured depth pruning with distillation as the recovery), then GPTQ 4-bit
+    calibrated on the student; apply time: the student's recorded training plus the quantization."""
+    student = _student(model, ctx)
+    trained_s, excluded_s, start = ctx.apply_s_override, ctx.excluded_s, time.perf_counter()
+    student = _gptq(student, ctx, statistics=None)
+    ctx.apply_s_override = trained_s + time.perf_counter() - start - (ctx.excluded_s - excluded_s)
+    return student
+
+
 # --- the registry ---------------------------------------------------------------------------------
 
 
@@ -630,6 +640,13 @@ ROWS: tuple[Row, ...] = (
         modules=_Q + _CALIBRATED + ("refimpl.pruning.structured", "refimpl.training", "refimpl.lora",
                                     "refimpl.quantization.gptq"), combination=True,
         reuses=("llm-pruner-mlp-lora",)),
+    Row("kd-student+gptq-w4g64", ("classic-kd", "gptq"), "distillation+quantization",
+        "kd-student, then gptq-w4g64 calibrated on the student", _student_gptq, "03, 06", _PACKED4, _INT4,
+        calibration=_IMPORTANCE + "; then " + _PTQ_CALIBRATION.replace("float model", "student"),
+        training="8 steps × 2×128 calibration tokens, the teacher run on every batch",
+        modules=_Q + _CALIBRATED + ("refimpl.distillation.train", "refimpl.distillation.losses",
+                                    "refimpl.distillation.student", "refimpl.pruning.structured", "refimpl.training",
+                                    "refimpl.quantization.gptq"), combination=True),
     Row("mqa+kv-int8", ("mqa", "kv-cache-quantization"), "architecture+quantization",
         "mqa with the kv-int8 cache", _mqa, "03, 07", "float32, one key-value head; keys and values "
         "fake-quantized in every attention call", "attention over a packed int8 cache", kv_bits=8,

@@ -20,6 +20,7 @@ TINY = effects.Protocol(eval_seq_len=32, eval_n_blocks=2, eval_use=2, ptq_calibr
                         pruning_calibration=(64, 2), importance_tokens=32, prefill_tokens=16, decode_prompt=8,
                         decode_tokens=2, timing_rounds=1, timing_warmup_rounds=0)
 COMMITTED = Path(__file__).resolve().parent.parent / "results" / "effects"
+NEED_STUDENT = ("kd-student", "kd-student+gptq-w4g64")  # skipped when the student is not cached
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +171,7 @@ def test_every_row_runs_and_the_files_are_written(full_run):
     assert effects.read_table(csv_path) == records
     rows = _by_row(records)
     for row_id, r in rows.items():
-        if row_id == "kd-student":
+        if row_id in NEED_STUDENT:
             continue
         assert r["status"] == "ok", (row_id, r["reason"])
         assert r["model"] == "tiny-llama" and r["device"] == "cpu" and r["key"]
@@ -188,7 +189,7 @@ def test_every_row_runs_and_the_files_are_written(full_run):
         assert len(cells) <= 1, table
     assert "\\|w\\|" in markdown  # a | inside a cell is escaped
     for row_id in rows:
-        assert f"`{row_id}`" in markdown if row_id == "kd-student" else f"| {row_id} |" in markdown
+        assert f"`{row_id}`" in markdown if row_id in NEED_STUDENT else f"| {row_id} |" in markdown
     provenance = json.loads(json_path.read_text())
     assert provenance["model"] == "tiny-llama" and provenance["torch"] == torch.__version__
     assert provenance["protocol"] == {k: list(v) if isinstance(v, tuple) else v
@@ -196,7 +197,7 @@ def test_every_row_runs_and_the_files_are_written(full_run):
     assert provenance["machine"]["cpu"] and provenance["transformers"]
     run = provenance["runs"][-1]
     assert run["command"] == ["test"] and run["date"] and "commit" in run["git"]
-    assert run["skipped"] == ["kd-student"] and len(run["measured"]) == len(effects.ROWS) - 1
+    assert run["skipped"] == list(NEED_STUDENT) and len(run["measured"]) == len(effects.ROWS) - len(NEED_STUDENT)
 
 
 def test_the_given_model_is_not_modified(tiny, full_run):
@@ -208,9 +209,10 @@ def test_the_given_model_is_not_modified(tiny, full_run):
 
 
 def test_the_student_needing_training_is_skipped_with_the_reason(full_run):
-    student = _by_row(full_run[1])["kd-student"]
-    assert student["status"] == "skipped" and "--train" in student["reason"] and "cache" in student["reason"]
-    assert student["weight_bytes"] is None
+    for row in NEED_STUDENT:
+        student = _by_row(full_run[1])[row]
+        assert student["status"] == "skipped" and "--train" in student["reason"] and "cache" in student["reason"]
+        assert student["weight_bytes"] is None
 
 
 def test_measured_effects_have_the_expected_direction(full_run):
@@ -251,10 +253,10 @@ def test_a_second_run_skips_what_is_done(full_run, tiny):
     start = time.perf_counter()
     again = effects.run_effects(out, tiny, model_name="tiny-llama", protocol=TINY)
     assert time.perf_counter() - start < 20  # nothing measured again (only the skipped student retried)
-    assert [r for r in again if r["row"] != "kd-student"] == [r for r in records if r["row"] != "kd-student"]
+    assert [r for r in again if r["row"] not in NEED_STUDENT] == [r for r in records if r["row"] not in NEED_STUDENT]
     run = json.loads((out / "tiny-llama.json").read_text())["runs"][-1]
-    assert run["measured"] == [] and run["skipped"] == ["kd-student"]
-    assert run["kept"] == [r for r in effects.ROW_IDS if r != "kd-student"]
+    assert run["measured"] == [] and run["skipped"] == list(NEED_STUDENT)
+    assert run["kept"] == [r for r in effects.ROW_IDS if r not in NEED_STUDENT]
 
 
 def test_a_changed_key_measures_the_row_again(full_run, tiny, tmp_path):
@@ -297,6 +299,10 @@ def test_train_makes_the_student_and_the_cache_keeps_it(tiny, cache, tmp_path):
     assert again["status"] == "ok" and "loaded from the cache" in again["notes"]
     assert again["ppl_shakespeare"] == student["ppl_shakespeare"]
     assert again["apply_s"] == pytest.approx(student["apply_s"], rel=0.5)  # the recorded training time
+    quantized = _by_row(effects.run_effects(tmp_path, tiny, methods="kd-student+gptq-w4g64", model_name="tiny-llama",
+                                            protocol=TINY))["kd-student+gptq-w4g64"]
+    assert quantized["status"] == "ok", quantized["reason"]
+    assert quantized["weight_bytes"] < again["weight_bytes"] and quantized["apply_s"] > again["apply_s"]
 
 
 def test_check_table_recomputes_and_catches_a_difference(full_run, tiny, tmp_path):
