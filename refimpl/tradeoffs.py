@@ -48,7 +48,12 @@ def measured(records: Sequence[Record]) -> dict[str, Record]:
     hold the ``dense`` baseline."""
     if isinstance(records, (str, bytes)) or not isinstance(records, Sequence):
         raise TypeError(f"records must be a sequence of table rows (effects.read_table), got {type(records).__name__}")
-    table = {r["row"]: r for r in records if r.get("status") == "ok"}
+    table: dict[str, Record] = {}
+    for r in records:
+        if r.get("status") == "ok":
+            if r["row"] in table:
+                raise ValueError(f"records hold the row {r['row']!r} twice")
+            table[r["row"]] = r
     if "dense" not in table:
         raise ValueError("records must include the measured 'dense' row (the baseline every ratio is against)")
     return table
@@ -57,7 +62,7 @@ def measured(records: Sequence[Record]) -> dict[str, Record]:
 def quality(record: Record) -> float:
     """The geometric mean of the record's perplexities over :data:`PPL_COLUMNS`."""
     values = [record.get(column) for column in PPL_COLUMNS]
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values):
+    if not all(_is_number(v) and v > 0 for v in values):
         raise ValueError(f"row {record.get('row')!r} needs positive finite {list(PPL_COLUMNS)}, got {values}")
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
@@ -67,9 +72,13 @@ def quality_ratio(record: Record, dense: Record) -> float:
     return quality(record) / quality(dense)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _value(record: Record, column: str | Callable[[Record], float]) -> float:
     value = column(record) if callable(column) else record.get(column)
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not _is_number(value):
         name = getattr(column, "__name__", column)
         raise ValueError(f"row {record.get('row')!r} has no finite value for {name!r}: {value!r}")
     return float(value)
@@ -79,7 +88,8 @@ def front(records: Sequence[Record], cost: str | Callable[[Record], float],
           higher_is_better: bool = False) -> list[str]:
     """The row ids on the Pareto front of ``cost`` (a column or a function of a record) against
     :func:`quality`: the rows no other row beats in both (:func:`refimpl.evaluate.pareto_frontier`),
-    ordered from the cheapest. ``higher_is_better``: ``cost`` is a benefit, such as a speed-up."""
+    ordered from the cheapest (with ``higher_is_better``, from the largest benefit: ``cost`` is then a
+    benefit, such as a speed-up)."""
     table = measured(records)
     sign = -1.0 if higher_is_better else 1.0
     return evaluate.pareto_frontier({row: (sign * _value(r, cost), quality(r)) for row, r in table.items()})
@@ -135,7 +145,7 @@ def choose(records: Sequence[Record], minimize: str | Callable[[Record], float],
     """The row that minimizes ``minimize`` among those whose :func:`quality_ratio` is at most
     ``max_quality_ratio`` (and for which ``where`` holds), or ``None`` when no row qualifies; ties go to
     the better quality. The decision guide of chapter 09 is a list of such questions."""
-    if not isinstance(max_quality_ratio, (int, float)) or not max_quality_ratio >= 1:
+    if not _is_number(max_quality_ratio) or not max_quality_ratio >= 1:
         raise ValueError(f"max_quality_ratio must be a number >= 1 (1: no loss allowed), got {max_quality_ratio!r}")
     table = measured(records)
     dense = table["dense"]
