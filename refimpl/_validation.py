@@ -24,6 +24,16 @@ def check_choice(param: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{param} must be one of {list(allowed)}, got {value!r}")
 
 
+def check_causal_lm(param: str, model: Any) -> None:
+    """Raise ``TypeError`` unless ``model`` looks like a Hugging Face causal LM: an ``nn.Module`` with a
+    ``config`` and at least one parameter."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module) or not hasattr(model, "config") or not list(model.parameters()):
+        raise TypeError(f"{param} must be a Hugging Face causal LM (an nn.Module with a config), "
+                        f"got {type(model).__name__}")
+
+
 def as_device(param: str, value: Any):
     """``value`` (a str like ``"cpu"``/``"cuda:1"`` or a ``torch.device``) as a ``torch.device``."""
     import torch

@@ -204,6 +204,20 @@ def test_sparse_teacher_compares_the_top_k_and_a_remainder_bucket():
     assert batch.log_probs.shape == (1, 5, k) and batch.temperature == sparse.temperature
 
 
+def test_top_of_a_stored_top_k_is_what_from_logits_stores():
+    t = _float64_logits(22)
+    stored = losses.SparseTeacher.from_logits(t, 7, temperature=2.0)
+    for k in (1, 3, 7):
+        direct, truncated = losses.SparseTeacher.from_logits(t, k, temperature=2.0), stored.top(k)
+        assert torch.equal(truncated.indices, direct.indices) and torch.equal(truncated.log_probs, direct.log_probs)
+        assert truncated.nbytes == direct.nbytes and truncated.temperature == 2.0
+        torch.testing.assert_close(truncated.rest_log_prob, direct.rest_log_prob, rtol=0, atol=2e-3)  # float16 sums
+    with pytest.raises(ValueError, match="k must be at most the stored k=7"):
+        stored.top(8)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        stored.top(0)
+
+
 def test_distillation_loss_validation():
     s, t = _logits(0), _logits(1)
     labels = torch.zeros(2, 5, dtype=torch.long)

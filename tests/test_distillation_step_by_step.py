@@ -181,6 +181,21 @@ def test_generate_texts_keeps_the_order_of_prompts_of_different_lengths(tmp_path
     assert len(set(texts)) > 1
 
 
+def test_greedy_matches_is_what_greedy_decoding_writes():
+    model = make_tiny_llama(2)
+    prompts = [[5, 6, 7], [8, 9]]
+    written = []
+    for prompt in prompts:  # the greedy continuations, one prompt at a time
+        sequences, generated = kd.generate_continuations(model, torch.tensor([prompt]), 4)
+        written.append(sequences[0][generated[0]].tolist())
+    batch = sbs.task_batch(prompts, written, pad_id=0)  # rows of different lengths, padded
+    assert sbs.greedy_matches(model, batch).tolist() == [True, True]
+    wrong = [written[0], written[1][:-1] + [(written[1][-1] + 1) % VOCAB]]  # the last token of row 2 differs
+    assert sbs.greedy_matches(model, sbs.task_batch(prompts, wrong, pad_id=0)).tolist() == [True, False]
+    with pytest.raises(TypeError, match="batch must be a TaskBatch"):
+        sbs.greedy_matches(model, _batches()[0])
+
+
 # --- errors ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("prompts, targets, pad_id, message", [

@@ -112,6 +112,17 @@ class SparseTeacher:
         """Bytes of the three stored tensors, measured on them."""
         return sum(t.numel() * t.element_size() for t in (self.log_probs, self.indices, self.rest_log_prob))
 
+    def top(self, k: int) -> "SparseTeacher":
+        """The top-``k`` of these top-``K`` targets (``k <= K``), as :meth:`from_logits` would store them
+        with ``k``: the first ``k`` tokens, and the mass of the ``K - k`` dropped ones added to the
+        remainder bucket (so one teacher pass serves several ``k``)."""
+        check_positive_int("k", k)
+        if k > self.k:
+            raise ValueError(f"k must be at most the stored k={self.k}, got {k}")
+        dropped = self.log_probs[..., k:].float().logsumexp(dim=-1)  # [...], -inf when k = K
+        return SparseTeacher(self.log_probs[..., :k].contiguous(), self.indices[..., :k].contiguous(),
+                             torch.logaddexp(self.rest_log_prob, dropped), self.temperature)
+
     def __getitem__(self, index: Any) -> "SparseTeacher":
         """The targets of some positions; ``index`` applies to the leading (position) dimensions."""
         if isinstance(index, tuple) and Ellipsis in index:

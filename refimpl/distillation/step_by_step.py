@@ -30,7 +30,8 @@ Pieces, in the order the method uses them: :func:`generate_texts` (the teacher's
 :func:`parse_rationale` / :func:`parse_rationales` (split them), :func:`task_batch` and
 :func:`multitask_batches` (the two tasks' token batches, the loss counted on the target tokens only),
 :func:`task_loss` and :func:`step_by_step_loss` (the objective above), :func:`distill_step_by_step`
-(training with :func:`refimpl.training.train`, both task losses logged).
+(training with :func:`refimpl.training.train`, both task losses logged), :func:`greedy_matches` (the
+label task's exact-match accuracy, for the evaluation).
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refimpl._validation import check_positive_int
+from refimpl._validation import check_causal_lm, check_positive_int
 from refimpl.distillation import losses
 from refimpl.distillation.losses import IGNORE_INDEX
-from refimpl.distillation.train import _check_model, generate_continuations, next_token_labels
+from refimpl.distillation.train import generate_continuations, next_token_labels
 from refimpl.evaluate import model_device
 from refimpl.training import TrainConfig, TrainLog, train
 
@@ -80,7 +81,7 @@ def generate_texts(model: nn.Module, tokenizer: "PreTrainedTokenizerBase", promp
     Returns:
         one string per prompt, in the order of ``prompts``.
     """
-    _check_model("model", model)
+    check_causal_lm("model", model)
     check_positive_int("max_new_tokens", max_new_tokens)
     _check_token_lists("prompts", prompts)
     texts, by_length = [""] * len(prompts), {}
@@ -261,6 +262,23 @@ def task_loss(model: nn.Module, batch: TaskBatch) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX)
 
 
+@torch.no_grad()
+def greedy_matches(model: nn.Module, batch: TaskBatch) -> torch.Tensor:
+    """``BoolTensor[B]``: whether greedy decoding from each row's prompt writes exactly its target —
+    the exact-match accuracy of a task (end token included, if the targets have one).
+
+    One forward pass instead of generation: with the target fed in (teacher forcing), greedy decoding
+    follows the target as long as the model's most likely next token is the target's next token, so it
+    writes the target exactly when that holds at every target position."""
+    if not isinstance(batch, TaskBatch):
+        raise TypeError(f"batch must be a TaskBatch, got {type(batch).__name__}")
+    check_causal_lm("model", model)
+    labels = batch.labels.to(model_device(model))  # [B, T]
+    predicted = model(batch.tokens.to(labels.device)).logits.argmax(dim=-1)  # [B, T]
+    counted = labels != IGNORE_INDEX
+    return ((predicted == labels) | ~counted).all(dim=1).cpu()
+
+
 class StepByStepLoss(NamedTuple):
     """:math:`\\mathcal{L}` (``total``) and its two terms; ``rationale`` is ``None`` when
     :math:`\\lambda = 0` (not computed)."""
@@ -326,7 +344,7 @@ def distill_step_by_step(student: nn.Module, batches: Sequence[MultiTaskBatch], 
     Returns:
         a :class:`StepByStepLog`.
     """
-    _check_model("student", student)
+    check_causal_lm("student", student)
     if isinstance(batches, MultiTaskBatch) or not isinstance(batches, Sequence) or len(batches) == 0 \
             or not all(isinstance(b, MultiTaskBatch) for b in batches):
         raise ValueError("batches must be a non-empty sequence of MultiTaskBatch (from multitask_batches)")

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refimpl import calibration, data
-from refimpl._validation import check_choice, check_non_negative_int, check_positive_int
+from refimpl._validation import check_causal_lm, check_choice, check_non_negative_int, check_positive_int
 from refimpl.distillation import losses
 from refimpl.distillation.losses import IGNORE_INDEX, SparseTeacher
 from refimpl.distillation.student import StudentSpec, layer_subset_student
@@ -76,12 +76,6 @@ def _check_tokens(param: str, tokens: Any, vocab_size: int | None = None) -> Non
         raise ValueError(f"{param} must hold token ids in [0, {vocab_size})")
 
 
-def _check_model(param: str, model: Any) -> None:
-    if not isinstance(model, nn.Module) or not hasattr(model, "config") or not list(model.parameters()):
-        raise TypeError(f"{param} must be a Hugging Face causal LM (an nn.Module with a config), "
-                        f"got {type(model).__name__}")
-
-
 @torch.no_grad()
 def teacher_topk(teacher: nn.Module, blocks: torch.Tensor, k: int, temperature: float = 1.0,
                  batch_size: int = 8) -> SparseTeacher:
@@ -98,7 +92,7 @@ def teacher_topk(teacher: nn.Module, blocks: torch.Tensor, k: int, temperature: 
     Returns:
         a :class:`SparseTeacher` with tensors ``[n, seq_len, k]`` and ``[n, seq_len]``, on the CPU.
     """
-    _check_model("teacher", teacher)
+    check_causal_lm("teacher", teacher)
     _check_tokens("blocks", blocks, teacher.config.vocab_size)
     check_positive_int("k", k)
     check_positive_int("batch_size", batch_size)
@@ -144,7 +138,7 @@ def generate_continuations(model: nn.Module, prompts: torch.Tensor, max_new_toke
         ``BoolTensor[n, P + N]``, true at the generated tokens up to and including the first
         end-of-sequence token — the tokens a loss on the continuation counts.
     """
-    _check_model("model", model)
+    check_causal_lm("model", model)
     _check_tokens("prompts", prompts, model.config.vocab_size)
     check_positive_int("max_new_tokens", max_new_tokens)
     if not isinstance(do_sample, bool):
@@ -251,14 +245,14 @@ def distill(student: nn.Module, teacher: nn.Module | SparseTeacher, data: torch.
     check_positive_int("batch_size", batch_size)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    _check_model("student", student)
+    check_causal_lm("student", student)
     if isinstance(teacher, SparseTeacher):
         if mode != "offline":
             raise TypeError(f"teacher may be a SparseTeacher in mode 'offline' only, not {mode!r}")
         if top_k is not None:
             raise ValueError("top_k must be None when teacher is already a SparseTeacher")
     else:
-        _check_model("teacher", teacher)
+        check_causal_lm("teacher", teacher)
         if teacher is student:
             raise ValueError("student and teacher must be different models")
         if teacher.config.vocab_size != student.config.vocab_size:
@@ -426,7 +420,7 @@ def cached_student(recipe: StudentRecipe, teacher: "PreTrainedModel", data: torc
     """
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise ValueError(f"name must be a non-empty str of letters, digits, '.', '_' or '-', got {name!r}")
-    _check_model("teacher", teacher)
+    check_causal_lm("teacher", teacher)
     digest = student_digest(recipe, data)
     folder = student_folder(recipe, data, name)
     record_path = folder / "student.json"
@@ -472,7 +466,7 @@ def influence_student_recipe(teacher: "PreTrainedModel", tokenizer: "PreTrainedT
     Returns:
         ``(recipe, train_blocks [16, 128])``.
     """
-    _check_model("teacher", teacher)
+    check_causal_lm("teacher", teacher)
     check_positive_int("n_layers", n_layers)
     n_teacher = len(calibration.decoder_layers(teacher))
     if n_layers > n_teacher:
