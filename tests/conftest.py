@@ -7,6 +7,9 @@ import os
 import pytest
 import torch
 
+from refimpl.runtime import pin_cpu_isa
+
+pin_cpu_isa()  # before any tensor operation: the table checks compare with AVX2-computed figures
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("REFIMPL_PROGRESS", "0")
 
