@@ -66,12 +66,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from refimpl import runtime
+from refimpl._validation import check_non_negative_int, check_positive_int
 from refimpl.attention import gqa
 from refimpl.attention.decoder import Decoder
 from refimpl.attention.kv_cache import KVCache, ModelKVCache, apply_rope
-from refimpl.evaluate import attention_shape, memory_bandwidth, model_bytes, peak_memory
+from refimpl.evaluate import memory_bandwidth, model_bytes, peak_memory
 from refimpl.quantization import llm_int8
-from refimpl.runtime import progress
+from refimpl.runtime import progress, synchronize
 
 #: SmolLM2-135M's architecture (the Hugging Face config of ``HuggingFaceTB/SmolLM2-135M``).
 SMOLLM2_135M_CONFIG: dict[str, Any] = dict(
@@ -91,33 +93,17 @@ SECTIONS = ("bandwidth", "decode", "attention", "sparse_2_4", "weight_only")
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """The benchmark device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; ``None`` picks CUDA if available.
-
-    Raises ``ValueError`` naming the device for anything else, or for CUDA where none is available.
-    """
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+    """The benchmark device, a CPU or CUDA device (:func:`refimpl.runtime.resolve_device`; ``None``
+    picks CUDA if available): ``ValueError`` naming the device for anything else."""
+    resolved = runtime.resolve_device(device)
+    if resolved.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for, but CUDA is not available here "
-                         f"(torch {torch.__version__}); use --device cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
     return resolved
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA (what inference uses there), float32 on CPU."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or ``"cpu (<processor>)"``."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine() or 'unknown'})"
 
 
 def build_model(device: torch.device, quick: bool = False, seed: int = 0) -> nn.Module:
@@ -137,12 +123,6 @@ def build_model(device: torch.device, quick: bool = False, seed: int = 0) -> nn.
 # --- timing -------------------------------------------------------------------------------------
 
 
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA kernels run asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_time(fn: Callable[[], Any], device: torch.device, repeats: int = 5, warmup: int = 2,
                 min_repeat_s: float = 0.01, max_inner: int = 100) -> float:
     """Median seconds per call of ``fn()``.
@@ -153,23 +133,23 @@ def median_time(fn: Callable[[], Any], device: torch.device, repeats: int = 5, w
     """
     if not callable(fn):
         raise TypeError("fn must be callable")
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    check_positive_int("repeats", repeats)
+    check_non_negative_int("warmup", warmup)
     for _ in range(warmup):
         fn()
-    sync(device)
+    synchronize(device)
     start = time.perf_counter()
     fn()
-    sync(device)
+    synchronize(device)
     estimate = time.perf_counter() - start
     inner = max(1, min(max_inner, int(min_repeat_s / max(estimate, 1e-9))))
     times = []
     for _ in range(repeats):
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(inner):
             fn()
-        sync(device)
+        synchronize(device)
         times.append((time.perf_counter() - start) / inner)
     return statistics.median(times)
 
@@ -693,7 +673,7 @@ def run_benchmarks(out: str | os.PathLike, device: str | None = None, quick: boo
     import transformers
 
     results: dict[str, Any] = {
-        "device": device_name(resolved),
+        "device": runtime.device_name(resolved),
         "device_type": resolved.type,
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -72,6 +72,7 @@ import torch
 from torch import nn
 
 from refimpl import calibration, data, evaluate, runtime, training
+from refimpl.pruning import masks
 from refimpl.runtime import progress
 
 FAMILIES = ("baseline", "quantization", "pruning", "distillation", "architecture")
@@ -455,8 +456,6 @@ def _restore_zeros(model: nn.Module, keep: dict[str, torch.Tensor]) -> None:
 
 def _sparsegpt_gptq(model: nn.Module, ctx: Context) -> nn.Module:
     """SparseGPT 50 %, then GPTQ 4-bit calibrated on the pruned model; the pruned weights stay zero."""
-    from refimpl.pruning import masks
-
     model = _sparsegpt(model, ctx, None)
     keep = {name: linear.weight != 0 for name, linear in masks.decoder_linears(model).items()}
     model = _gptq(model, ctx, statistics=None)
@@ -718,23 +717,6 @@ def select_rows(methods: Sequence[str] | str | None) -> list[Row]:
 # --- measuring one row ----------------------------------------------------------------------------
 
 
-def zero_fraction(model: nn.Module) -> float:
-    """The fraction of exactly-zero weights over the linear layers of the decoder layers, packed ones
-    included (their dequantized weights)."""
-    zeros = total = 0
-    for layer in calibration.decoder_layers(model):
-        for module in layer.modules():
-            if hasattr(module, "dequantized_weight"):
-                weight = module.dequantized_weight()
-            elif isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2:
-                weight = module.weight
-            else:
-                continue
-            zeros += int((weight == 0).sum())
-            total += weight.numel()
-    return zeros / total
-
-
 @torch.inference_mode()
 def kv_bytes_per_token(model: nn.Module, block: torch.Tensor, kv_bits: int | None = None) -> float:
     """Bytes per token of the KV cache ``model`` builds over ``block [1, L]``: as float tensors
@@ -789,7 +771,7 @@ def measure_row(row: Row, ctx: Context, timing: bool = True) -> dict[str, Any]:
     values.update(
         weight_bytes=weight_bytes,
         weight_fraction=weight_bytes / evaluate.model_bytes(ctx.base),
-        zero_fraction=zero_fraction(model),
+        zero_fraction=masks.sparsity_of(model),
         kv_bytes_per_token=kv_bytes_per_token(model, ctx.eval_blocks[data.CORPORA[-1]][:1], row.kv_bits),
         apply_s=apply_s, calibration_s=ctx.calibration_s,
         needs_calibration=bool(row.calibration), calibration_data=row.calibration,
@@ -825,7 +807,7 @@ def row_key(row: Row, protocol: Protocol = DEFAULT_PROTOCOL) -> str:
     torch and transformers. A row of the table with another key is measured again."""
     import transformers
 
-    recipes = [row.apply, measure_row, kv_bytes_per_token, zero_fraction, Context.statistics, Context.importance]
+    recipes = [row.apply, measure_row, kv_bytes_per_token, masks.sparsity_of, Context.statistics, Context.importance]
     if row.combination or row.apply in (_gptq, _mlp_channels_gptq, _sparsegpt_gptq):
         recipes += [_gptq, _sparsegpt, _mlp_channels, _restore_zeros]
     parts = {
@@ -989,46 +971,14 @@ def _git() -> dict[str, Any]:
     return {"commit": commit, "dirty": dirty}
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def machine(device: torch.device) -> dict[str, Any]:
     """The machine a table was measured on: CPU, its vector units as PyTorch sees them, cores, GPU."""
-    info = {"cpu": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    info = {"cpu": runtime.cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(),
             "python": platform.python_version()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``device`` as a ``torch.device`` that exists here; ``ValueError`` naming it otherwise."""
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} was asked for, but CUDA is not available here; use --device cpu")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
-    elif resolved.type == "meta":
-        raise ValueError(f"device {device!r} holds no data: measure on 'cpu' or a GPU")
-    elif resolved.type != "cpu":
-        try:
-            torch.empty(1, device=resolved)
-        except Exception as exc:  # noqa: BLE001 - any failure means the device cannot be used
-            raise ValueError(f"device {device!r} cannot be used here: {exc}") from None
-    return resolved
 
 
 def check_out(out: str | os.PathLike) -> Path:
@@ -1052,7 +1002,7 @@ def _load(model: str | os.PathLike | tuple[nn.Module, Any], device: str | torch.
     if isinstance(model, tuple):
         if len(model) != 2 or not isinstance(model[0], nn.Module):
             raise TypeError("model must be a name or path, or a (model, tokenizer) pair")
-        if device is not None and resolve_device(device) != evaluate.model_device(model[0]):
+        if device is not None and runtime.resolve_device(device) != evaluate.model_device(model[0]):
             raise ValueError(f"device {device!r} differs from the given model's ({evaluate.model_device(model[0])})")
         name = model_name or getattr(getattr(model[0], "config", None), "_name_or_path", "") or "model"
         return model[0].eval(), model[1], name
@@ -1060,7 +1010,7 @@ def _load(model: str | os.PathLike | tuple[nn.Module, Any], device: str | torch.
         raise TypeError(f"model must be a name or path, or a (model, tokenizer) pair, got {type(model).__name__}")
     from refimpl.models import load_model
 
-    loaded, tokenizer = load_model(model, device=resolve_device("cpu" if device is None else device))
+    loaded, tokenizer = load_model(model, device=runtime.resolve_device("cpu" if device is None else device))
     return loaded, tokenizer, model_name or os.fspath(model)
 
 
@@ -1087,7 +1037,7 @@ def run_effects(out: str | os.PathLike, model: str | os.PathLike | tuple[nn.Modu
     if not isinstance(protocol, Protocol):
         raise TypeError(f"protocol must be a Protocol, got {type(protocol).__name__}")
     if device is not None:
-        resolve_device(device)
+        runtime.resolve_device(device)
     out_dir = check_out(out)
     runtime.setup(seed=0, threads=threads, progress=runtime.progress_enabled())
     base, tokenizer, name = _load(model, device, model_name)
@@ -1279,7 +1229,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = [sys.argv[0]] + list(argv) if argv is not None else None
     try:
-        resolve_device(args.device)
+        runtime.resolve_device(args.device)
         if args.threads < 1:
             raise ValueError(f"--threads must be a positive int, got {args.threads}")
         if args.check:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from refimpl._validation import as_device, check_non_negative_int, check_positive_int
-from refimpl.runtime import progress
+from refimpl.runtime import progress, synchronize
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -257,11 +257,6 @@ class Timing:
         return self.tokens / self.median_s
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(run: Callable[[Any], Any], device: torch.device, repeats: int, warmup: int, desc: str,
            prepare: Callable[[], Any] = lambda: None) -> list[float]:
     """Seconds of ``run(prepare())`` per repeat, after ``warmup`` untimed runs; ``prepare`` is not timed."""
@@ -272,10 +267,10 @@ def _timed(run: Callable[[Any], Any], device: torch.device, repeats: int, warmup
     times = []
     for _ in progress(range(repeats), desc=desc, total=repeats):
         state = prepare()
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         run(state)
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return times
 

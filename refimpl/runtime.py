@@ -1,4 +1,4 @@
-"""Run-time settings shared by every chapter: determinism and progress bars.
+"""Run-time settings shared by every chapter: determinism, devices and progress bars.
 
 Every notebook starts with :func:`setup`, which fixes the random seeds, the number of CPU threads
 (floating-point sums depend on how work is split between threads, so a fixed thread count is part of
@@ -9,11 +9,13 @@ environment variable ``REFIMPL_PROGRESS`` is ``0``.
 
 from __future__ import annotations
 
+import logging
 import os
+import platform
 import random
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator, TypeVar
+from typing import Any, Iterable, Iterator, TypeVar
 
 import torch
 
@@ -75,6 +77,62 @@ def setup(seed: int = 0, threads: int | None = 2, progress: bool = False) -> Non
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # bitsandbytes warns, on CPUs with AVX-512 BF16 only, that an optional hub-downloaded kernel is missing.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device`` that exists here; ``None`` picks CUDA if available, else the CPU.
+
+    Raises ``ValueError`` naming the device if it is not one (``"tpu"``, ``"cuda:x"``), is CUDA where
+    none is available or beyond the devices there are, holds no data (``"meta"``), or cannot allocate.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for, but CUDA is not available here "
+                             f"(torch {torch.__version__}); use 'cpu'")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    elif resolved.type == "meta":
+        raise ValueError(f"device {device!r} holds no data: measure on 'cpu' or a GPU")
+    elif resolved.type != "cpu":
+        try:
+            torch.empty(1, device=resolved)
+        except Exception as exc:  # noqa: BLE001 - any failure means the device cannot be used
+            raise ValueError(f"device {device!r} cannot be used here: {exc}") from None
+    return resolved
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``), else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or ``"cpu (<processor>)"``."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({cpu_name()})"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: CUDA kernels run asynchronously, so a timer must wait for
+    them before it reads the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def progress_enabled() -> bool:
@@ -90,3 +148,27 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iter
     from tqdm.auto import tqdm
 
     yield from tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+class _NoBar:
+    """What :func:`progress_bar` returns when progress bars are off: ``update`` does nothing."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def __enter__(self) -> "_NoBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def progress_bar(total: int, desc: str) -> Any:
+    """A progress bar advanced by hand, ``bar.update(n)``, for loops whose steps do unequal work (a
+    round of speculative decoding writes one token or several); a context manager. Silent when
+    progress bars are off."""
+    if not progress_enabled():
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)

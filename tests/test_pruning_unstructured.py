@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from conftest import make_tiny_llama
 from refimpl import calibration
 from refimpl.pruning import magnitude, masks, sparsegpt, wanda
 
@@ -346,3 +347,17 @@ def test_keep_highest_equals_a_stable_sort_with_many_ties(shape, n_remove):
     order = scores.argsort(dim=-1, stable=True)
     expected = torch.ones_like(scores, dtype=torch.bool).scatter_(-1, order[..., :n_remove], False)
     assert torch.equal(masks.keep_highest(scores, n_remove), expected)
+
+
+def test_sparsity_of_counts_the_zeros_of_packed_layers_too():
+    from refimpl.quantization import packed
+
+    model = make_tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.zero_()
+    linears = masks.decoder_linears(model).values()
+    dense = masks.sparsity_of(model)
+    assert dense == model.model.layers[0].mlp.up_proj.weight.numel() / sum(m.weight.numel() for m in linears)
+    packed_model = packed.pack_model(model, 8, group_size=64)
+    assert not masks.decoder_linears(packed_model)  # no nn.Linear left: every weight is packed
+    assert masks.sparsity_of(packed_model) >= dense

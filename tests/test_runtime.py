@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -50,6 +51,7 @@ def test_setup_seeds_and_fixes_threads():
         runtime.setup(seed=3, threads=1, progress=False)
         assert torch.equal(first, torch.rand(3)) and torch.get_num_threads() == 1
         assert not runtime.progress_enabled()
+        assert logging.getLogger("bitsandbytes.backends.cpu.ops").getEffectiveLevel() >= logging.ERROR  # quiet
     finally:
         torch.set_num_threads(threads)
         os.environ["REFIMPL_PROGRESS"] = "0"
@@ -60,3 +62,36 @@ def test_setup_seeds_and_fixes_threads():
 def test_setup_rejects_bad_arguments(kwargs, match):
     with pytest.raises((TypeError, ValueError), match=match):
         runtime.setup(**kwargs)
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "meta", 3])
+def test_resolve_device_names_what_it_rejects(device):
+    with pytest.raises(ValueError, match="device"):
+        runtime.resolve_device(device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_gpu_is_rejected():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        runtime.resolve_device("cuda")
+    assert runtime.resolve_device(None) == torch.device("cpu")
+
+
+def test_cpu_device_and_its_name():
+    assert runtime.resolve_device("cpu") == runtime.resolve_device(torch.device("cpu")) == torch.device("cpu")
+    name = runtime.device_name(torch.device("cpu"))
+    assert name.startswith("cpu (") and runtime.cpu_name() in name
+    runtime.synchronize(torch.device("cpu"))  # nothing to wait for
+
+
+def test_progress_bar_counts_what_it_is_told(monkeypatch, capsys):
+    monkeypatch.setenv("REFIMPL_PROGRESS", "1")
+    with runtime.progress_bar(5, desc="rounds") as bar:
+        bar.update(3)
+        bar.update(2)
+        assert bar.n == 5
+    assert "rounds" in capsys.readouterr().err
+    monkeypatch.setenv("REFIMPL_PROGRESS", "0")
+    with runtime.progress_bar(5, desc="silent") as bar:
+        bar.update(5)
+    assert capsys.readouterr().err == ""

@@ -318,26 +318,25 @@ def speculative_generate(target: nn.Module | Decoder, draft: Draft, input_ids: t
     cache = decoder.new_cache(1, max_len)  # holds every accepted token but the last
     draft.reset(max_len)
     tokens, result = input_ids[0], SpeculativeResult(input_ids)
-    for _ in runtime.progress(range(max_new_tokens), desc=f"speculative (gamma={gamma})"):
-        remaining = prompt_len + max_new_tokens - len(tokens)
-        if remaining <= 0:
-            break
-        proposals, q = draft.propose(tokens, min(gamma, remaining - 1), sampling, generator)  # [g], [g, V]
-        g = len(proposals)
-        logits = decoder(torch.cat([tokens[cache.length:], proposals])[None], cache, logits_to_keep=g + 1)[0]
-        p = sampling.probabilities(logits)  # [g + 1, V]
-        if q.shape[1] != p.shape[1]:
-            raise ValueError(f"draft proposes over {q.shape[1]} tokens, the target's vocabulary has {p.shape[1]}")
-        accepted, next_token = verify(proposals, q, p, sampling, generator)
-        result.acceptance += acceptance_rate(p[:min(accepted + 1, g)], q[:min(accepted + 1, g)]).tolist()
-        new = torch.cat([proposals[:accepted], proposals.new_tensor([next_token])])
-        cut = next((i + 1 for i, t in enumerate(new.tolist()) if t in stop), len(new))  # end at a stop token
-        result.rounds.append((g, cut - 1))
-        cache.truncate(len(tokens) + accepted)  # roll back the rejected proposals
-        draft.rollback(len(tokens) + accepted)
-        tokens = torch.cat([tokens, new[:cut]])
-        if tokens[-1].item() in stop:
-            break
+    with runtime.progress_bar(max_new_tokens, desc=f"speculative (gamma={gamma})") as bar:
+        while (remaining := prompt_len + max_new_tokens - len(tokens)) > 0:  # each round writes >= 1 token
+            proposals, q = draft.propose(tokens, min(gamma, remaining - 1), sampling, generator)  # [g], [g, V]
+            g = len(proposals)
+            logits = decoder(torch.cat([tokens[cache.length:], proposals])[None], cache, logits_to_keep=g + 1)[0]
+            p = sampling.probabilities(logits)  # [g + 1, V]
+            if q.shape[1] != p.shape[1]:
+                raise ValueError(f"draft proposes over {q.shape[1]} tokens, the target's vocabulary has {p.shape[1]}")
+            accepted, next_token = verify(proposals, q, p, sampling, generator)
+            result.acceptance += acceptance_rate(p[:min(accepted + 1, g)], q[:min(accepted + 1, g)]).tolist()
+            new = torch.cat([proposals[:accepted], proposals.new_tensor([next_token])])
+            cut = next((i + 1 for i, t in enumerate(new.tolist()) if t in stop), len(new))  # end at a stop token
+            result.rounds.append((g, cut - 1))
+            cache.truncate(len(tokens) + accepted)  # roll back the rejected proposals
+            draft.rollback(len(tokens) + accepted)
+            tokens = torch.cat([tokens, new[:cut]])
+            bar.update(cut)
+            if tokens[-1].item() in stop:
+                break
     cache.truncate(min(cache.length, len(tokens) - 1))  # a stop inside the accepted proposals
     draft.rollback(len(tokens))
     result.sequences, result.cache = tokens[None], cache

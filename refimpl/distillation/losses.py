@@ -182,6 +182,18 @@ def _widened(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
+def target_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy of ``logits [..., vocab]`` against ``labels [...]`` over the positions
+    that have a target (a label other than :data:`IGNORE_INDEX`), in float32 at least: the hard loss
+    of :func:`distillation_loss`, the loss of sequence-level KD and of distilling step-by-step's tasks."""
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() < 2:
+        raise ValueError("logits must be a floating-point tensor [..., vocab]")
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int32, torch.int64) \
+            or labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels must be an integer tensor of shape {tuple(logits.shape[:-1])}")
+    return F.cross_entropy(_widened(logits).flatten(0, -2), labels.flatten().long(), ignore_index=IGNORE_INDEX)
+
+
 def _log_distributions(student_logits: torch.Tensor, teacher_logits: torch.Tensor | SparseTeacher,
                        temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log p, log q)`` at temperature ``temperature``, both ``[..., n]``: over the vocabulary
@@ -303,6 +315,6 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         raise ValueError("labels are needed when alpha < 1 (the cross-entropy term)")
     loss = alpha * _soft_loss(kind, student_logits, teacher_logits, temperature, beta, positions) if alpha > 0 else 0.0
     if alpha < 1:
-        hard = F.cross_entropy(_widened(student_logits[positions]), labels[positions].long())
+        hard = target_cross_entropy(student_logits[positions], labels[positions])
         loss = loss + (1 - alpha) * hard
     return loss

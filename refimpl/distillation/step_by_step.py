@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from refimpl._validation import check_causal_lm, check_positive_int
@@ -258,8 +257,7 @@ def task_loss(model: nn.Module, batch: TaskBatch) -> torch.Tensor:
         raise TypeError(f"batch must be a TaskBatch, got {type(batch).__name__}")
     device = model_device(model)
     logits = model(batch.tokens.to(device)).logits  # [B, T, vocab]
-    return F.cross_entropy(losses._widened(logits).flatten(0, 1), batch.labels.to(device).flatten(),
-                           ignore_index=IGNORE_INDEX)
+    return losses.target_cross_entropy(logits, batch.labels.to(device))
 
 
 @torch.no_grad()

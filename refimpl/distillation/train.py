@@ -311,7 +311,7 @@ def distill(student: nn.Module, teacher: nn.Module | SparseTeacher, data: torch.
         def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             tokens, labels = batch[0].to(device), batch[1].to(device)  # [B, P + N] each
             logits = model(tokens).logits  # [B, P + N, vocab]
-            return F.cross_entropy(losses._widened(logits).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+            return losses.target_cross_entropy(logits, labels)
 
     else:  # on_policy
         batches = [data[i:i + batch_size] for i in starts]

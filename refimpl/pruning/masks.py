@@ -119,7 +119,18 @@ def check_model(model: torch.nn.Module, sparsity: float, nm: tuple[int, int] | N
 
 
 def sparsity_of(model: torch.nn.Module) -> float:
-    """The fraction of exactly-zero weights over the decoder layers' linear layers (measured)."""
-    linears = decoder_linears(model).values()
-    zeros = sum(int((m.weight == 0).sum()) for m in linears)
-    return zeros / sum(m.weight.numel() for m in linears)
+    """The fraction of exactly-zero weights over the decoder layers' linear layers (measured). A
+    layer that stores its weight packed (a quantized layer with ``dequantized_weight``) counts with the
+    weight it computes with."""
+    zeros = total = 0
+    for layer in calibration.decoder_layers(model):
+        for module in layer.modules():
+            if hasattr(module, "dequantized_weight"):
+                weight = module.dequantized_weight()  # [out, in]
+            elif isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2:
+                weight = module.weight  # [out, in]
+            else:
+                continue
+            zeros += int((weight == 0).sum())
+            total += weight.numel()
+    return zeros / total
