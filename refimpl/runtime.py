@@ -2,8 +2,9 @@
 
 Every notebook starts with :func:`setup`, which fixes the random seeds, the number of CPU threads
 (floating-point sums depend on how work is split between threads, so a fixed thread count is part of
-determinism) and the CPU's vector instruction set (:func:`pin_cpu_isa`), and switches progress bars off, because their text (rates, elapsed times) would differ
-between runs and fail the notebook validation. Scripts and tests keep progress bars on unless the
+determinism) and the CPU's vector instruction set (:func:`pin_cpu_isa`), and switches progress bars
+off, because their text (rates, elapsed times) would differ between runs and fail the notebook
+validation. Scripts and tests keep progress bars on unless the
 environment variable ``REFIMPL_PROGRESS`` is ``0``.
 """
 
@@ -150,25 +151,10 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iter
     yield from tqdm(iterable, desc=desc, total=total, leave=False)
 
 
-class _NoBar:
-    """What :func:`progress_bar` returns when progress bars are off: ``update`` does nothing."""
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def __enter__(self) -> "_NoBar":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def progress_bar(total: int, desc: str) -> Any:
     """A progress bar advanced by hand, ``bar.update(n)``, for loops whose steps do unequal work (a
     round of speculative decoding writes one token or several); a context manager. Silent when
     progress bars are off."""
-    if not progress_enabled():
-        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False)
+    return tqdm(total=total, desc=desc, leave=False, disable=not progress_enabled())
