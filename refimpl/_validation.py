@@ -60,3 +60,68 @@ def check_layer_indices(keep: Sequence[int], n_layers: int | None = None, param:
     if any(a >= b for a, b in zip(keep, keep[1:])):
         raise ValueError(f"{param} must be strictly increasing (sorted, no duplicates), got {list(keep)}")
     return tuple(keep)
+
+
+def check_finite(param: str, values: Any) -> None:
+    """Raise ``ValueError`` if the tensor ``values`` holds a NaN or an infinity: a ranking would put a
+    NaN first (``argsort``, ``argmax``) and keep what it scores."""
+    import torch
+
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{param} must be finite, got NaN or Inf values")
+
+
+def check_logits(param: str, logits: Any) -> None:
+    """Raise ``ValueError`` if ``logits`` hold a NaN or +Inf: ``argmax`` and ``topk`` would pick it
+    first, and a softmax over it is NaN. (-Inf is a valid logit: a token that is ruled out.)"""
+    import torch
+
+    if bool((torch.isnan(logits) | torch.isposinf(logits)).any()):
+        raise ValueError(f"{param} must not hold NaN or +Inf values")
+
+
+def check_linear_input(param: str, x: Any, in_features: int) -> None:
+    """The input of a linear layer: ``TypeError`` unless ``x`` is a floating-point tensor (integer
+    token ids or a bool mask would be cast, or multiplied as integers, into garbage), ``ValueError``
+    unless its last dimension is ``in_features``. Every custom layer's ``forward`` calls it, as
+    ``nn.Linear`` itself refuses such inputs."""
+    import torch
+
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{param} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{param} must be a floating-point tensor of activations, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"{param} must be a tensor [..., {in_features}], got shape {tuple(x.shape)}")
+
+
+def vocabulary_size(model: Any) -> int | None:
+    """``model.config.vocab_size`` (a Hugging Face causal LM), or ``None`` if the model has none."""
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def check_token_ids(param: str, ids: Any, vocab_size: int | None = None, model_param: str = "model",
+                    min_len: int = 1) -> None:
+    """Token ids must be a non-empty ``LongTensor [n_sequences, seq_len]`` with at least ``min_len``
+    tokens per sequence (``TypeError`` for another type or dtype, ``ValueError`` for another shape),
+    every id in ``[0, vocab_size)`` — the vocabulary of the model named ``model_param`` — or at least
+    non-negative when ``vocab_size`` is None (``ValueError``). An id outside the vocabulary would
+    otherwise fail deep inside the embedding lookup (on a GPU as a device-side assert, after which the
+    CUDA context is unusable)."""
+    import torch
+
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{param} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.dtype != torch.long:
+        raise TypeError(f"{param} must be a LongTensor of token ids (torch.long), got {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"{param} must have shape [n_sequences, seq_len], got {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError(f"{param} is empty: it must hold at least one sequence of token ids")
+    if ids.shape[1] < min_len:
+        raise ValueError(f"{param} must hold at least {min_len} tokens per sequence, got {ids.shape[1]}")
+    outside = ids < 0 if vocab_size is None else (ids < 0) | (ids >= vocab_size)
+    if bool(outside.any()):  # one pass and one device sync when the ids are valid
+        allowed = "non-negative token ids" if vocab_size is None else \
+            f"token ids in [0, {vocab_size}), below the {model_param}'s vocabulary size {vocab_size}"
+        raise ValueError(f"{param} must hold {allowed}, got ids in [{ids.min().item()}, {ids.max().item()}]")

@@ -36,7 +36,7 @@ from typing import Any, Iterator
 
 import torch
 
-from refimpl._validation import check_positive_int
+from refimpl._validation import check_finite, check_positive_int, check_token_ids, vocabulary_size
 from refimpl.runtime import progress
 
 
@@ -92,13 +92,10 @@ def _first_layer_inputs(model: torch.nn.Module, blocks: torch.Tensor, batch_size
     return recorded
 
 
-def check_blocks(blocks: torch.Tensor, batch_size: int = 8) -> None:
-    """Calibration token ``blocks`` must be a non-empty ``LongTensor [n_blocks, seq_len]`` and
-    ``batch_size`` a positive int."""
-    if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.long or blocks.dim() != 2:
-        raise TypeError("blocks must be token ids, a LongTensor [n_blocks, seq_len]")
-    if blocks.numel() == 0:
-        raise ValueError("blocks is empty: calibration needs at least one block of tokens")
+def check_blocks(blocks: torch.Tensor, batch_size: int = 8, model: torch.nn.Module | None = None) -> None:
+    """Calibration token ``blocks`` must be a non-empty ``LongTensor [n_blocks, seq_len]`` of ids in
+    ``model``'s vocabulary (when given) and ``batch_size`` a positive int."""
+    check_token_ids("blocks", blocks, vocabulary_size(model))
     check_positive_int("batch_size", batch_size)
 
 
@@ -115,8 +112,11 @@ def layerwise(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8,
         blocks: calibration token ids, ``LongTensor[n_blocks, seq_len]``.
         batch_size: blocks per forward pass.
         skip: linear layers whose name contains one of these strings are not captured.
+
+    Raises ``ValueError`` when a layer's inputs hold NaN or Inf (activations that overflow), before
+    that layer is yielded.
     """
-    check_blocks(blocks, batch_size)
+    check_blocks(blocks, batch_size, model)
     layers = decoder_layers(model)
     states = _first_layer_inputs(model, blocks, batch_size)
     for index in progress(range(len(layers)), desc="calibration", total=len(layers)):
@@ -134,8 +134,10 @@ def layerwise(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8,
         finally:
             for handle in handles:
                 handle.remove()
-        yield LayerCapture(index, layer, linears, {name: torch.cat(xs) for name, xs in inputs.items()},
-                           blocks.shape[1])
+        captured = {name: torch.cat(xs) for name, xs in inputs.items()}  # [n_tokens, in_features] each
+        for name, x in captured.items():  # activations that overflowed would make every statistic NaN
+            check_finite(f"the inputs of model.layers.{index}.{name} on these blocks", x)
+        yield LayerCapture(index, layer, linears, captured, blocks.shape[1])
         with torch.no_grad():  # the layer may have changed: its outputs feed the next layer
             states = [(layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
 

@@ -56,7 +56,6 @@ import importlib.util
 import inspect
 import io
 import json
-import math
 import os
 import platform
 import random
@@ -71,7 +70,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from refimpl import calibration, data, evaluate, runtime, training
+from refimpl import calibration, data, evaluate, reproducibility, runtime, training
+from refimpl.attention import gqa
 from refimpl.pruning import masks
 from refimpl.runtime import progress
 
@@ -417,21 +417,11 @@ def _student(model: nn.Module, ctx: Context) -> nn.Module:
 
 
 def _mqa(model: nn.Module, ctx: Context) -> nn.Module:
-    """Chapter 07: mean-pool the key-value heads into one, then uptrain the k/v projections 16 steps."""
-    from refimpl.attention import gqa
-
+    """Chapter 07: mean-pool the key-value heads into one, then the book's uptraining of the k/v projections."""
     def make(m: nn.Module) -> nn.Module:
         gqa.convert_kv_heads(m, 1)
-        text = torch.cat([data.token_blocks(ctx.tokenizer, data.load_text(name, "calibration"), 128, 16)
-                          for name in data.CORPORA])  # [32, 128]
-        order = torch.randperm(len(text), generator=torch.Generator().manual_seed(0))
-        flags = {name: p.requires_grad for name, p in m.named_parameters()}
-        for name, parameter in m.named_parameters():
-            parameter.requires_grad_(name.endswith(("k_proj.weight", "v_proj.weight")))
-        training.train(m, list(text[order].split(2)), training.next_token_loss,
-                       training.TrainConfig(steps=16, lr=3e-3, warmup_steps=1), desc="MQA uptraining")
-        for name, parameter in m.named_parameters():
-            parameter.requires_grad_(flags[name])
+        config, batches = gqa.uptraining_recipe(ctx.tokenizer)
+        gqa.uptrain(m, batches, config)
         return m
 
     return ctx.reuse("mqa", model, make)
@@ -503,6 +493,22 @@ class Row:
     def method(self) -> str:
         return "+".join(self.methods) if self.methods else "dense"
 
+    @property
+    def tolerance(self) -> str:
+        """The kind of its perplexities (:mod:`refimpl.reproducibility`), the widest that applies: every
+        method passes its weights through a discrete choice (a grid, a mask, a search); a row that trains
+        carries every difference in the arithmetic through its updates; one that rounds activations or
+        the KV cache does so again in every forward pass. The dense model is plain float arithmetic."""
+        kinds = ["float"]
+        if self.methods:
+            kinds.append("grid")
+        if self.training:
+            kinds.append("trained")
+        if self.kv_bits is not None or {"refimpl.quantization.activation", "refimpl.quantization.llm_int8"} & set(
+                self.modules):
+            kinds.append("activations")
+        return max(reversed(kinds), key=lambda kind: reproducibility.TOLERANCES[kind].rtol)  # ties: the later
+
     def during(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """The context the row's model is measured in (a quantized KV cache)."""
         if self.kv_bits is None:
@@ -513,6 +519,7 @@ class Row:
 
 
 _PTQ_CALIBRATION = "4×512 tokens per corpus (statistics of the float model)"
+_UPTRAINING = f"{gqa.UPTRAINING.steps} steps × 2×128 calibration tokens"  # gqa.uptraining_recipe
 _PRUNING_CALIBRATION = "3×512 tokens per corpus (statistics of the dense model)"
 _IMPORTANCE = "2×256 tokens (importance scores)"
 _INT4 = "int4 weight-only GEMM (e.g. tinygemm, Marlin)"
@@ -620,9 +627,9 @@ ROWS: tuple[Row, ...] = (
                  "refimpl.pruning.structured", "refimpl.training")),
     # Architecture: chapter 07.
     Row("mqa", ("mqa",), "architecture",
-        "key-value heads mean-pooled to one (GQA -> MQA), then the k/v projections uptrained 16 steps × "
-        "2×128 calibration tokens, AdamW lr 3e-3", _mqa, "07", "float32, one key-value head",
-        "none (a smaller KV cache)", training="16 steps × 2×128 calibration tokens (k/v projections only)",
+        "key-value heads mean-pooled to one (GQA -> MQA), then the k/v projections uptrained "
+        f"{_UPTRAINING}, AdamW lr {gqa.UPTRAINING.lr:g}", _mqa, "07", "float32, one key-value head",
+        "none (a smaller KV cache)", training=f"{_UPTRAINING} (k/v projections only)",
         modules=("refimpl.attention.gqa", "refimpl.training")),
     # Combinations.
     Row("sparsegpt-50+gptq-w4g64", ("sparsegpt", "gptq"), "pruning+quantization",
@@ -649,7 +656,7 @@ ROWS: tuple[Row, ...] = (
     Row("mqa+kv-int8", ("mqa", "kv-cache-quantization"), "architecture+quantization",
         "mqa with the kv-int8 cache", _mqa, "03, 07", "float32, one key-value head; keys and values "
         "fake-quantized in every attention call", "attention over a packed int8 cache", kv_bits=8,
-        training="16 steps × 2×128 calibration tokens (k/v projections only)",
+        training=f"{_UPTRAINING} (k/v projections only)",
         modules=("refimpl.attention.gqa", "refimpl.training", "refimpl.quantization.kv_cache") + _Q,
         combination=True, reuses=("mqa",)),
 )
@@ -1118,12 +1125,13 @@ class RowCheck:
 
 
 def check_table(table: str | os.PathLike, model: str | os.PathLike | tuple[nn.Module, Any] | None = None,
-                rows: Sequence[str] | None = None, rtol: float = 1e-3, device: str | torch.device | None = None,
+                rows: Sequence[str] | None = None, device: str | torch.device | None = None,
                 model_name: str | None = None) -> list[RowCheck]:
     """Recompute ``rows`` of a written table (default: :data:`DEFAULT_CHECK_ROWS`, those of them the table
-    has) and compare: perplexities to the relative tolerance ``rtol`` (they are deterministic on the
-    same CPU build), weight and KV-cache bytes exactly, the zero fraction to 1e-4; timings are not
-    compared. The protocol is read from the table's JSON beside it.
+    has) and compare: perplexities within the tolerance of the row's kind (:attr:`Row.tolerance`, the
+    book's rule for what a figure holds on another machine, :mod:`refimpl.reproducibility`), weight and
+    KV-cache bytes exactly, the zero fraction to 1e-4; timings are not compared. The protocol is read
+    from the table's JSON beside it.
 
     Args:
         model: default: load the table's model by name; or a name, path or ``(model, tokenizer)`` pair.
@@ -1131,8 +1139,6 @@ def check_table(table: str | os.PathLike, model: str | os.PathLike | tuple[nn.Mo
     table = Path(table)
     if not table.is_file():
         raise ValueError(f"table {table} does not exist")
-    if not (isinstance(rtol, float) and 0 < rtol < 1):
-        raise ValueError(f"rtol must be a float in (0, 1), got {rtol!r}")
     records = read_table(table)
     provenance_path = table.with_suffix(".json")
     protocol = DEFAULT_PROTOCOL
@@ -1169,13 +1175,14 @@ def check_table(table: str | os.PathLike, model: str | os.PathLike | tuple[nn.Mo
             old, new = stored.get(column), values[column]
             check.compared[column] = (old, new)
             if column.startswith("ppl_"):
-                same = old is not None and math.isclose(old, new, rel_tol=rtol)
+                same = old is not None and reproducibility.values_agree(row.tolerance, old, new)
             elif column == "zero_fraction":
                 same = old is not None and abs(old - new) <= 1e-4
             else:
                 same = old == new
             if not same:
-                check.mismatches.append(f"{column}: table {old!r}, recomputed {new!r}")
+                beyond = f" (beyond the {row.tolerance!r} tolerance)" if column.startswith("ppl_") else ""
+                check.mismatches.append(f"{column}: table {old!r}, recomputed {new!r}{beyond}")
         checks.append(check)
     ctx.release()
     return checks

@@ -38,7 +38,8 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
-from refimpl._validation import as_device, check_non_negative_int, check_positive_int
+from refimpl._validation import (as_device, check_non_negative_int, check_positive_int, check_token_ids,
+                                 vocabulary_size)
 from refimpl.runtime import progress, synchronize
 
 
@@ -63,19 +64,6 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _check_blocks(blocks: torch.Tensor, min_len: int = 2) -> None:
-    if not isinstance(blocks, torch.Tensor):
-        raise TypeError(f"blocks must be a torch.Tensor, got {type(blocks).__name__}")
-    if blocks.dtype != torch.long:
-        raise TypeError(f"blocks must hold token ids (torch.long), got {blocks.dtype}")
-    if blocks.dim() != 2:
-        raise ValueError(f"blocks must have shape [n_blocks, seq_len], got {tuple(blocks.shape)}")
-    if blocks.numel() == 0:
-        raise ValueError("blocks is empty: nothing to evaluate")
-    if blocks.shape[1] < min_len:
-        raise ValueError(f"blocks must hold at least {min_len} tokens per block, got {blocks.shape[1]}")
-
-
 # --- quality ------------------------------------------------------------------------------------
 
 
@@ -93,13 +81,9 @@ def block_nll(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8)
     Returns:
         ``DoubleTensor[n_blocks]`` (on the CPU).
     """
-    _check_blocks(blocks)
+    check_token_ids("blocks", blocks, vocabulary_size(model), min_len=2)
     check_positive_int("batch_size", batch_size)
     device = model_device(model)
-    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
-    if blocks.min() < 0 or (vocab_size is not None and blocks.max() >= vocab_size):
-        raise ValueError(f"blocks must hold token ids in [0, {vocab_size}), got ids in "
-                         f"[{blocks.min().item()}, {blocks.max().item()}]")
     nll = []
     batches = blocks.split(batch_size)
     with eval_mode(model):
@@ -278,7 +262,7 @@ def _timed(run: Callable[[Any], Any], device: torch.device, repeats: int, warmup
 @torch.inference_mode()
 def prefill_latency(model: torch.nn.Module, input_ids: torch.Tensor, repeats: int = 5, warmup: int = 1) -> Timing:
     """Time one forward pass over the prompt ``input_ids`` (``[batch, prompt_len]``), cache included."""
-    _check_blocks(input_ids, min_len=1)
+    check_token_ids("input_ids", input_ids, vocabulary_size(model))
     device = model_device(model)
     ids = input_ids.to(device)
     with eval_mode(model):
@@ -295,7 +279,7 @@ def decode_latency(
     Each repeat runs the (untimed) prefill of the prompt, then times the ``n_tokens`` single-token
     forward passes that reuse the model's KV cache. ``tokens`` counts new tokens over the batch.
     """
-    _check_blocks(input_ids, min_len=1)
+    check_token_ids("input_ids", input_ids, vocabulary_size(model))
     check_positive_int("n_tokens", n_tokens)
     device = model_device(model)
     ids = input_ids.to(device)

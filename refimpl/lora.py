@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refimpl._validation import check_positive_int
+from refimpl._rollback import restores_on_error
+from refimpl._validation import check_linear_input, check_positive_int
 from refimpl.quantization import packed
 
 # The attention and MLP projections of a Llama-style decoder layer.
@@ -74,6 +75,7 @@ class LoRALinear(nn.Module):
         return self.scaling * (self.lora_B @ self.lora_A)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_linear_input("x", x, self.in_features)
         out = self.base(x)
         if self.merged:
             return out
@@ -100,10 +102,12 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
 
+@restores_on_error("model")
 def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets: tuple[str, ...] = DEFAULT_TARGETS) -> nn.Module:
     """Freeze every parameter of ``model`` and wrap each layer whose name ends with one of ``targets``
     in a :class:`LoRALinear`, in place; only the adapters then require gradients. Every adapter is
-    built before the first is swapped in, so an error leaves the model untouched.
+    built before the first is swapped in, and any error leaves the model as it was (a copy of its
+    tensors is held during the call).
 
     Returns:
         ``model``.
@@ -145,12 +149,13 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
+@restores_on_error("model")
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every :class:`LoRALinear` by one float ``nn.Linear`` with weight
     :math:`W_0 + \\frac{\\alpha}{r}BA` (:math:`W_0` dequantized for a quantized base), in place.
 
     Returns:
-        ``model``.
+        ``model``. An error leaves it as it was (a copy of its tensors is held during the call).
     """
     replacements = {}
     for name, m in model.named_modules():

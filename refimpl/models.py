@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 
 from refimpl._validation import as_device, check_positive_int
-from refimpl.runtime import cache_dir
+from refimpl.runtime import cache_dir, resolve_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -128,7 +128,8 @@ def load_model(
 
     Args:
         name_or_path: a shipped alias (``"smollm2-135m"``), a local HF folder or a hub id.
-        device: where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...). Ignored when
+        device: where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...); a device that is
+            not available here raises ``ValueError`` before anything is loaded. Ignored when
             ``device_map`` is given.
         dtype: floating-point type of the weights (``torch.float32``, ``torch.bfloat16``, ...).
         device_map: passed to ``from_pretrained`` to spread a large model over several GPUs
@@ -139,7 +140,7 @@ def load_model(
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    device = as_device("device", device)
+    device = resolve_device(as_device("device", device))  # before loading: "cuda" without CUDA fails now
     source = resolve(name_or_path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

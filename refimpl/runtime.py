@@ -1,11 +1,12 @@
 """Run-time settings shared by every chapter: determinism, devices and progress bars.
 
-Every notebook starts with :func:`setup`, which fixes the random seeds, the number of CPU threads
-(floating-point sums depend on how work is split between threads, so a fixed thread count is part of
-determinism) and the CPU's vector instruction set (:func:`pin_cpu_isa`), and switches progress bars
-off, because their text (rates, elapsed times) would differ between runs and fail the notebook
-validation. Scripts and tests keep progress bars on unless the
-environment variable ``REFIMPL_PROGRESS`` is ``0``.
+Every notebook starts with :func:`setup`, which fixes the random seeds and the number of CPU threads
+(floating-point sums depend on how work is split between threads, so a fixed thread count makes a
+run repeat itself digit for digit on one machine), and switches progress bars off, because their
+text (rates, elapsed times) would differ between runs and fail the notebook validation. Another
+machine still adds in another order (its vector units, its BLAS); what the stored figures hold
+across machines is the rule of :mod:`refimpl.reproducibility`. Scripts and tests keep progress bars
+on unless the environment variable ``REFIMPL_PROGRESS`` is ``0``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import logging
 import os
 import platform
 import random
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
@@ -23,9 +23,6 @@ import torch
 T = TypeVar("T")
 
 _PROGRESS_ENV = "REFIMPL_PROGRESS"
-
-# The widest vector instructions PyTorch's CPU kernels may use: ATen's own kernels, MKL's and oneDNN's.
-CPU_ISA = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def cache_dir() -> Path:
@@ -37,22 +34,8 @@ def cache_dir() -> Path:
     return Path(xdg) / "refimpl"
 
 
-def pin_cpu_isa() -> None:
-    """Cap PyTorch's CPU kernels at AVX2 (:data:`CPU_ISA`), unless the environment already sets a cap.
-
-    A kernel's vector width changes the order of its floating-point sums, and rounding to a grid
-    amplifies that: the same code and model give ZeroQuant W8A8 a Shakespeare perplexity of 42.72 with
-    AVX2 kernels and 42.21 with AVX-512 ones. The book's stored outputs were computed with AVX2; capped,
-    an AVX-512 machine computes them again digit for digit. A machine without AVX2 cannot, and a cap
-    takes effect only if set before the process's first tensor operation.
-    """
-    for name, value in CPU_ISA.items():
-        os.environ.setdefault(name, value)
-
-
 def setup(seed: int = 0, threads: int | None = 2, progress: bool = False) -> None:
-    """Pin the CPU instruction set (:func:`pin_cpu_isa`), seed Python and PyTorch, fix the CPU thread
-    count and choose whether progress bars show.
+    """Seed Python and PyTorch, fix the CPU thread count and choose whether progress bars show.
 
     Args:
         seed: seed for :mod:`random` and :mod:`torch` (CPU and CUDA).
@@ -63,11 +46,6 @@ def setup(seed: int = 0, threads: int | None = 2, progress: bool = False) -> Non
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-    pin_cpu_isa()
-    capability = torch.backends.cpu.get_cpu_capability()  # fixed by the process's first tensor operation
-    if os.environ["ATEN_CPU_CAPABILITY"] == "avx2" and capability.startswith("AVX512"):
-        warnings.warn(f"PyTorch already chose {capability} kernels: results may differ from the stored "
-                      "outputs; call refimpl.runtime.setup before any tensor operation", stacklevel=2)
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
     if threads is not None:

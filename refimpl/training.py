@@ -26,7 +26,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from refimpl._validation import check_non_negative_int, check_positive_int
+from refimpl._rollback import restores_on_error
+from refimpl._validation import check_non_negative_int, check_positive_int, check_token_ids, vocabulary_size
 from refimpl.runtime import progress
 
 
@@ -89,6 +90,7 @@ def _check_config(config: TrainConfig) -> None:
         raise ValueError(f"grad_clip must be None or a positive number, got {config.grad_clip!r}")
 
 
+@restores_on_error("model")
 def train(model: torch.nn.Module, batches: Sequence[Any], loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
           config: TrainConfig, desc: str = "train") -> TrainLog:
     """Train the parameters of ``model`` that require gradients for ``config.steps`` steps, in place.
@@ -100,7 +102,8 @@ def train(model: torch.nn.Module, batches: Sequence[Any], loss_fn: Callable[[tor
         desc: the progress bar's label.
 
     Returns:
-        a :class:`TrainLog`. A non-finite loss stops training with ``FloatingPointError`` naming the step.
+        a :class:`TrainLog`. A non-finite loss stops training with ``FloatingPointError`` naming the step;
+        any error leaves ``model`` as it was (a copy of its tensors is held while training runs).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -150,6 +153,7 @@ def next_token_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor
     """The language-modelling loss of a Hugging Face causal LM on token ids ``batch [b, seq_len]``: the
     mean cross-entropy of predicting every token from the ones before it (fine-tuning, recovery); the
     batch is moved to the model's device."""
+    check_token_ids("batch", batch, vocabulary_size(model))
     batch = batch.to(next(model.parameters()).device)
     return model(batch, labels=batch).loss
 

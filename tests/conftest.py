@@ -7,9 +7,8 @@ import os
 import pytest
 import torch
 
-from refimpl.runtime import pin_cpu_isa
+pytest_plugins = ["pytester"]  # tests/test_reproducibility.py runs nbval on a notebook of its own
 
-pin_cpu_isa()  # before any tensor operation: the table checks compare with AVX2-computed figures
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("REFIMPL_PROGRESS", "0")
 

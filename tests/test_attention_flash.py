@@ -62,7 +62,10 @@ def test_scale_large_scores_and_half_precision():
     q16, k16, v16 = (x.to(torch.bfloat16) for x in (q, k, v))
     out = flash.flash_attention(q16, k16, v16, causal=True, block_q=16, block_k=16)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), _reference(q16.float(), k16.float(), v16.float(), True), atol=1e-2, rtol=0)
+    # float32 tiles, rounded once to bfloat16: within half a bfloat16 step, 2^-8 relative (measured
+    # 0.0038); allow one step
+    torch.testing.assert_close(out.float(), _reference(q16.float(), k16.float(), v16.float(), True),
+                               atol=1e-5, rtol=2**-7)
 
 
 def test_causal_skips_key_blocks_above_the_diagonal(monkeypatch):

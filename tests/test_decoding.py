@@ -284,12 +284,12 @@ def test_sampled_first_token_follows_the_rules_distribution():
 
 
 @pytest.mark.parametrize("call, error, match", [
-    (lambda m: generate(m, _ids(2, 4).float(), 3), ValueError, "input_ids"),
-    (lambda m: generate(m, _ids(2, 4).int(), 3), ValueError, "input_ids"),
+    (lambda m: generate(m, _ids(2, 4).float(), 3), TypeError, "input_ids"),
+    (lambda m: generate(m, _ids(2, 4).int(), 3), TypeError, "input_ids"),
     (lambda m: generate(m, _ids(1, 4)[0], 3), ValueError, "input_ids"),
     (lambda m: generate(m, _ids(2, 4)[None], 3), ValueError, "input_ids"),
     (lambda m: generate(m, _ids(2, 0), 3), ValueError, "input_ids"),
-    (lambda m: generate(m, [[1, 2, 3]], 3), ValueError, "input_ids"),
+    (lambda m: generate(m, [[1, 2, 3]], 3), TypeError, "input_ids"),
     (lambda m: generate(m, _ids(2, 4), -1), ValueError, "max_new_tokens"),
     (lambda m: generate(m, _ids(2, 4), 2.0), ValueError, "max_new_tokens"),
     (lambda m: generate(m, _ids(2, 4), 3, sampling=0.7), TypeError, "sampling"),
@@ -560,7 +560,9 @@ def test_decoder_layers_equal_a_depth_pruned_model(keep):
         cache = decoder.new_cache(2, 10)
         assert len(cache) == len(keep) and decoder.layers == tuple(keep)
         stepwise = torch.cat([decoder(ids[:, :6], cache)] + [decoder(ids[:, i:i + 1], cache) for i in range(6, 10)], 1)
-        torch.testing.assert_close(stepwise, expected, atol=1e-4, rtol=0)
+        # float32 logits up to 15 after 4 layers of large weights: the cached steps sum in other orders
+        # (measured up to 6.9e-5); a wrong layer or position is off by O(1)
+        torch.testing.assert_close(stepwise, expected, atol=2e-4, rtol=1e-4)
         if len(keep) < 4:
             assert not torch.allclose(decoder(ids), model(ids).logits, atol=1e-2)
             with pytest.raises(TypeError, match="cache"):

@@ -29,8 +29,9 @@ def test_by_hand_on_two_tokens():
     s, t = q.log()[None], p.log()[None]
     kl_pq = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
     kl_qp = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(2.0)
-    assert math.isclose(losses.forward_kl(s, t).item(), kl_pq, rel_tol=1e-6)
-    assert math.isclose(losses.reverse_kl(s, t).item(), kl_qp, rel_tol=1e-6)
+    # float32: terms of 0.30 and -0.17, each rounded to ~3e-8, cancel to 0.13 (measured 5.5e-7 relative)
+    assert math.isclose(losses.forward_kl(s, t).item(), kl_pq, rel_tol=1e-5)
+    assert math.isclose(losses.reverse_kl(s, t).item(), kl_qp, rel_tol=1e-5)
     assert losses.forward_kl(t, t).item() == pytest.approx(0.0, abs=1e-7)
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refimpl._validation import check_layer_indices, check_non_negative_int
+from refimpl._validation import check_layer_indices, check_non_negative_int, check_token_ids
 from refimpl.attention.kv_cache import KVCache, ModelKVCache, cached_attention, rope_frequencies
 from refimpl.evaluate import attention_shape
 
@@ -83,6 +83,11 @@ class Decoder(nn.Module):
         default)."""
         return cls(model, layers)
 
+    @property
+    def vocab_size(self) -> int:
+        """The number of token ids the model knows (its embedding rows)."""
+        return self.model.config.vocab_size
+
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, window: int | None = None,
                   sinks: int = 0) -> ModelKVCache:
         """An empty cache for every layer run, on the model's device, in ``dtype`` (default: the model's)."""
@@ -118,8 +123,8 @@ class Decoder(nn.Module):
                 ``k`` positions only, ``[batch, min(k, t), vocab]`` (generation needs the last one, and
                 the output projection of the others is wasted work).
         """
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long or input_ids.dim() != 2:
-            raise TypeError("input_ids must be a LongTensor of shape [batch, t]")
+        if not torch.compiler.is_compiling():  # reads the ids: under torch.compile it would break the graph
+            check_token_ids("input_ids", input_ids, self.vocab_size)
         config = self.model.config
         if cache is not None and (not isinstance(cache, ModelKVCache) or len(cache) != len(self.layers)):
             raise TypeError(f"cache must be a ModelKVCache with {len(self.layers)} layers (new_cache())")

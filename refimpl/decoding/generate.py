@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from refimpl import runtime
-from refimpl._validation import check_non_negative_int, check_positive_int
+from refimpl._validation import check_logits, check_non_negative_int, check_positive_int, check_token_ids
 from refimpl.attention.decoder import Decoder
 
 
@@ -109,11 +109,11 @@ def check_stop_tokens(stop_tokens: Iterable[int]) -> frozenset[int]:
     return stop
 
 
-def check_prompt(input_ids: torch.Tensor, batch_size: int | None = None) -> None:
-    """Raise unless ``input_ids`` is a non-empty ``LongTensor[batch, t]`` (of ``batch_size`` rows if given)."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long or input_ids.dim() != 2 \
-            or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
-        raise ValueError("input_ids must be a non-empty LongTensor of shape [batch, prompt_len]")
+def check_prompt(input_ids: torch.Tensor, batch_size: int | None = None, vocab_size: int | None = None,
+                 model_param: str = "model") -> None:
+    """Raise unless ``input_ids`` is a non-empty ``LongTensor[batch, t]`` (of ``batch_size`` rows if
+    given) of token ids in ``[0, vocab_size)``, the vocabulary of the model passed as ``model_param``."""
+    check_token_ids("input_ids", input_ids, vocab_size, model_param)
     if batch_size is not None and input_ids.shape[0] != batch_size:
         raise ValueError(f"input_ids must hold {batch_size} sequence(s), got {input_ids.shape[0]}")
 
@@ -138,7 +138,8 @@ def generate(model: nn.Module | Decoder, input_ids: torch.Tensor, max_new_tokens
         ``LongTensor[batch, t + n]``: prompt and continuation, ``n <= max_new_tokens`` (fewer when every
         sequence stopped early) — the layout of Hugging Face ``generate``.
     """
-    check_prompt(input_ids)
+    decoder = as_decoder(model)
+    check_prompt(input_ids, vocab_size=decoder.vocab_size)
     check_non_negative_int("max_new_tokens", max_new_tokens)
     if not isinstance(sampling, Sampling):
         raise TypeError(f"sampling must be a Sampling, got {type(sampling).__name__}")
@@ -146,7 +147,6 @@ def generate(model: nn.Module | Decoder, input_ids: torch.Tensor, max_new_tokens
     if pad_token_id is None:
         pad_token_id = min(stop) if stop else 0
     check_non_negative_int("pad_token_id", pad_token_id)
-    decoder = as_decoder(model)
     generator = make_generator(seed, input_ids.device)
     batch, prompt_len = input_ids.shape
     cache = decoder.new_cache(batch, prompt_len + max_new_tokens)
@@ -156,6 +156,7 @@ def generate(model: nn.Module | Decoder, input_ids: torch.Tensor, max_new_tokens
     stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=input_ids.device)
     for _ in runtime.progress(range(max_new_tokens), desc="generate"):
         logits = decoder(new, cache, logits_to_keep=1)[:, -1]  # [b, V]
+        check_logits("the logits of model", logits)  # greedy decoding would pick a NaN
         token = sampling.sample(sampling.probabilities(logits), generator)  # [b]
         token = token.masked_fill(finished, pad_token_id)
         sequences = torch.cat([sequences, token[:, None]], dim=1)

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from refimpl import runtime
-from refimpl._validation import check_non_negative_int, check_positive_int
+from refimpl._validation import check_logits, check_non_negative_int, check_positive_int
 from refimpl.attention.decoder import Decoder
 from refimpl.attention.kv_cache import ModelKVCache
 from refimpl.decoding.generate import Sampling, as_decoder, check_prompt, check_stop_tokens, make_generator
@@ -198,6 +198,7 @@ class ModelDraft(Draft):
         new = tokens[self.cache.length:]  # [m >= 1]: what the cache has not seen yet
         for _ in range(gamma):
             logits = self.decoder(new[None], self.cache, logits_to_keep=1)[0, -1]  # [V]
+            check_logits("the logits of the draft model", logits)
             q = sampling.probabilities(logits)
             x = sampling.sample(q, generator)
             proposals.append(x)
@@ -303,7 +304,8 @@ def speculative_generate(target: nn.Module | Decoder, draft: Draft, input_ids: t
         :func:`~refimpl.decoding.generate.generate`'s (up to floating-point ties between the target's
         one-token and many-token passes).
     """
-    check_prompt(input_ids, batch_size=1)
+    decoder = as_decoder(target)
+    check_prompt(input_ids, batch_size=1, vocab_size=decoder.vocab_size, model_param="target")
     check_non_negative_int("max_new_tokens", max_new_tokens)
     check_positive_int("gamma", gamma)
     if not isinstance(draft, Draft):
@@ -311,7 +313,6 @@ def speculative_generate(target: nn.Module | Decoder, draft: Draft, input_ids: t
     if not isinstance(sampling, Sampling):
         raise TypeError(f"sampling must be a Sampling, got {type(sampling).__name__}")
     stop = check_stop_tokens(stop_tokens)
-    decoder = as_decoder(target)
     generator = make_generator(seed, input_ids.device)
     prompt_len = input_ids.shape[1]
     max_len = prompt_len + max_new_tokens + gamma  # a round writes its proposals before rolling back
@@ -323,6 +324,7 @@ def speculative_generate(target: nn.Module | Decoder, draft: Draft, input_ids: t
             proposals, q = draft.propose(tokens, min(gamma, remaining - 1), sampling, generator)  # [g], [g, V]
             g = len(proposals)
             logits = decoder(torch.cat([tokens[cache.length:], proposals])[None], cache, logits_to_keep=g + 1)[0]
+            check_logits("the logits of target", logits)  # a NaN would be accepted or picked first
             p = sampling.probabilities(logits)  # [g + 1, V]
             if q.shape[1] != p.shape[1]:
                 raise ValueError(f"draft proposes over {q.shape[1]} tokens, the target's vocabulary has {p.shape[1]}")

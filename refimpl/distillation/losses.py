@@ -51,7 +51,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from refimpl._validation import check_choice, check_positive_int
+from refimpl._validation import check_choice, check_logits, check_positive_int
 
 #: The divergences :func:`distillation_loss` knows.
 KINDS = ("forward_kl", "reverse_kl", "jsd")
@@ -98,6 +98,7 @@ class SparseTeacher:
         if k > logits.shape[-1]:
             raise ValueError(f"k must be at most the vocabulary size {logits.shape[-1]}, got {k}")
         _check_temperature(temperature)
+        check_logits("logits", logits)  # topk would keep a NaN first
         log_p = F.log_softmax(_widened(logits) / temperature, dim=-1)  # [..., vocab]
         top = log_p.topk(k, dim=-1)  # values and indices [..., k], decreasing
         rest = log_p.scatter(-1, top.indices, -math.inf).logsumexp(dim=-1)  # [...]

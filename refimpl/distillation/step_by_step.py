@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from refimpl._validation import check_causal_lm, check_positive_int
+from refimpl._validation import check_causal_lm, check_positive_int, check_token_ids, vocabulary_size
 from refimpl.distillation import losses
 from refimpl.distillation.losses import IGNORE_INDEX
 from refimpl.distillation.train import generate_continuations, next_token_labels
@@ -255,6 +255,7 @@ def task_loss(model: nn.Module, batch: TaskBatch) -> torch.Tensor:
     (all rows together), for a Hugging Face causal LM; the batch is moved to the model's device."""
     if not isinstance(batch, TaskBatch):
         raise TypeError(f"batch must be a TaskBatch, got {type(batch).__name__}")
+    check_token_ids("batch.tokens", batch.tokens, vocabulary_size(model))
     device = model_device(model)
     logits = model(batch.tokens.to(device)).logits  # [B, T, vocab]
     return losses.target_cross_entropy(logits, batch.labels.to(device))
@@ -271,6 +272,7 @@ def greedy_matches(model: nn.Module, batch: TaskBatch) -> torch.Tensor:
     if not isinstance(batch, TaskBatch):
         raise TypeError(f"batch must be a TaskBatch, got {type(batch).__name__}")
     check_causal_lm("model", model)
+    check_token_ids("batch.tokens", batch.tokens, model.config.vocab_size)
     labels = batch.labels.to(model_device(model))  # [B, T]
     predicted = model(batch.tokens.to(labels.device)).logits.argmax(dim=-1)  # [B, T]
     counted = labels != IGNORE_INDEX
@@ -340,16 +342,17 @@ def distill_step_by_step(student: nn.Module, batches: Sequence[MultiTaskBatch], 
         desc: progress-bar label.
 
     Returns:
-        a :class:`StepByStepLog`.
+        a :class:`StepByStepLog`. An error leaves ``student`` as it was (:func:`refimpl.training.train`
+        restores it).
     """
     check_causal_lm("student", student)
     if isinstance(batches, MultiTaskBatch) or not isinstance(batches, Sequence) or len(batches) == 0 \
             or not all(isinstance(b, MultiTaskBatch) for b in batches):
         raise ValueError("batches must be a non-empty sequence of MultiTaskBatch (from multitask_batches)")
     _check_rationale_weight(rationale_weight)
-    vocab = student.config.vocab_size
-    if any(int(task.tokens.max()) >= vocab for b in batches for task in b):
-        raise ValueError(f"batches must hold token ids below the student's vocabulary size {vocab}")
+    for i, batch in enumerate(batches):
+        for task, part in batch._asdict().items():
+            check_token_ids(f"batches[{i}].{task}.tokens", part.tokens, student.config.vocab_size, "student")
     label_losses, rationale_losses = [], []
 
     def loss_fn(model: nn.Module, batch: MultiTaskBatch) -> torch.Tensor:

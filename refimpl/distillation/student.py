@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 
 
 from refimpl import calibration
+from refimpl._rollback import private_copy
 from refimpl._validation import check_layer_indices, check_positive_int
 from refimpl.pruning import structured
 
@@ -82,6 +83,7 @@ def layer_subset_student(teacher: "PreTrainedModel", keep: Sequence[int] | None 
     if (keep is None) == (n_layers is None):
         raise ValueError("give exactly one of keep (layer indices) and n_layers (a count)")
     keep = evenly_spaced(n_teacher, n_layers) if keep is None else check_layer_indices(keep, n_teacher)
-    student = structured.keep_layers(copy.deepcopy(teacher), keep)  # depth pruning of a copy
+    with private_copy(copy.deepcopy(teacher)) as student:  # depth pruning of a copy no caller holds
+        structured.keep_layers(student, keep)
     student.requires_grad_(True)
     return student.eval()

@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from refimpl import calibration, data
-from refimpl._validation import check_causal_lm, check_choice, check_non_negative_int, check_positive_int
+from refimpl._validation import (check_causal_lm, check_choice, check_finite, check_non_negative_int,
+                                 check_positive_int, check_token_ids)
 from refimpl.distillation import losses
 from refimpl.distillation.losses import IGNORE_INDEX, SparseTeacher
 from refimpl.distillation.student import StudentSpec, layer_subset_student
@@ -69,13 +70,6 @@ MODE_OPTIONS = {"top_k": ("offline",), "max_new_tokens": ("sequence",), "prompt_
                 "student_fraction": ("on_policy",), "sample_temperature": ("on_policy",)}
 
 
-def _check_tokens(param: str, tokens: Any, vocab_size: int | None = None) -> None:
-    if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2 or tokens.numel() == 0:
-        raise ValueError(f"{param} must be a non-empty LongTensor [n_sequences, seq_len] of token ids")
-    if tokens.min() < 0 or (vocab_size is not None and tokens.max() >= vocab_size):
-        raise ValueError(f"{param} must hold token ids in [0, {vocab_size})")
-
-
 @torch.no_grad()
 def teacher_topk(teacher: nn.Module, blocks: torch.Tensor, k: int, temperature: float = 1.0,
                  batch_size: int = 8) -> SparseTeacher:
@@ -93,7 +87,7 @@ def teacher_topk(teacher: nn.Module, blocks: torch.Tensor, k: int, temperature: 
         a :class:`SparseTeacher` with tensors ``[n, seq_len, k]`` and ``[n, seq_len]``, on the CPU.
     """
     check_causal_lm("teacher", teacher)
-    _check_tokens("blocks", blocks, teacher.config.vocab_size)
+    check_token_ids("blocks", blocks, teacher.config.vocab_size, "teacher")
     check_positive_int("k", k)
     check_positive_int("batch_size", batch_size)
     if k > teacher.config.vocab_size:
@@ -139,7 +133,7 @@ def generate_continuations(model: nn.Module, prompts: torch.Tensor, max_new_toke
         end-of-sequence token — the tokens a loss on the continuation counts.
     """
     check_causal_lm("model", model)
-    _check_tokens("prompts", prompts, model.config.vocab_size)
+    check_token_ids("prompts", prompts, model.config.vocab_size)
     check_positive_int("max_new_tokens", max_new_tokens)
     if not isinstance(do_sample, bool):
         raise TypeError(f"do_sample must be a bool, got {type(do_sample).__name__}")
@@ -224,8 +218,8 @@ def distill(student: nn.Module, teacher: nn.Module | SparseTeacher, data: torch.
 
     Returns:
         the :class:`~refimpl.training.TrainLog`. Arguments are checked before the student changes; a
-        non-finite loss stops training at its step (``FloatingPointError``) with the student as trained
-        until then.
+        non-finite loss stops training at its step (``FloatingPointError``), and any error leaves the
+        student as it was (:func:`refimpl.training.train` restores it).
     """
     check_choice("mode", mode, MODES)
     _check_mode_options(mode, {"top_k": top_k, "max_new_tokens": max_new_tokens, "prompt_len": prompt_len,
@@ -258,7 +252,7 @@ def distill(student: nn.Module, teacher: nn.Module | SparseTeacher, data: torch.
         if teacher.config.vocab_size != student.config.vocab_size:
             raise ValueError(f"student and teacher must share a vocabulary, got {student.config.vocab_size} "
                              f"and {teacher.config.vocab_size} tokens")
-    _check_tokens("data", data, student.config.vocab_size)
+    check_token_ids("data", data, student.config.vocab_size, "student")
     n, seq_len = data.shape
     if mode == "offline" and not isinstance(teacher, SparseTeacher):
         if top_k is None:
@@ -383,7 +377,7 @@ def student_digest(recipe: StudentRecipe, data: torch.Tensor) -> str:
     ``data``: the saved student's identity."""
     if not isinstance(recipe, StudentRecipe):
         raise TypeError(f"recipe must be a StudentRecipe, got {type(recipe).__name__}")
-    _check_tokens("data", data)
+    check_token_ids("data", data)
     digest = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode())
     digest.update(str(tuple(data.shape)).encode())
     digest.update(data.detach().cpu().numpy().tobytes())
@@ -475,6 +469,7 @@ def influence_student_recipe(teacher: "PreTrainedModel", tokenizer: "PreTrainedT
     importance_blocks = torch.cat([data.token_blocks(tokenizer, data.load_text(name, "calibration"), seq_len=256,
                                                      n_blocks=1) for name in data.CORPORA]).to(device)  # [2, 256]
     block_influence = structured.activation_importance(teacher, importance_blocks).layers  # [layers]
+    check_finite("the block influence of teacher's layers", block_influence)  # argsort would rank a NaN first
     keep = tuple(sorted(block_influence.argsort(descending=True)[:n_layers].tolist()))
     train_blocks = torch.cat([data.token_blocks(tokenizer, data.load_text(name, "calibration"), seq_len=128,
                                                 n_blocks=8) for name in data.CORPORA])  # [16, 128]

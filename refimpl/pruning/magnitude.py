@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from refimpl._rollback import restores_on_error
 from refimpl._validation import check_choice
 from refimpl.pruning import masks
 
@@ -31,6 +32,7 @@ def _global_masks(weights: dict[str, torch.Tensor], sparsity: float) -> dict[str
 
 
 @torch.no_grad()
+@restores_on_error("model")
 def prune_model_magnitude(model: torch.nn.Module, sparsity: float, scope: str = "layer",
                     nm: tuple[int, int] | None = None) -> torch.nn.Module:
     """Magnitude-prune the linear layers of the decoder layers, in place.
@@ -41,7 +43,8 @@ def prune_model_magnitude(model: torch.nn.Module, sparsity: float, scope: str = 
         nm: ``(N, M)`` for N:M sparsity, e.g. ``(2, 4)``.
 
     Returns:
-        ``model``, its pruned weights set to zero.
+        ``model``, its pruned weights set to zero. An error leaves it as it was (arguments are checked
+        first; a copy of its tensors is held during the call).
     """
     masks.check_model(model, sparsity, nm)
     check_choice("scope", scope, ("layer", "row", "global"))

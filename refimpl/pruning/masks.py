@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from refimpl import calibration
-from refimpl._validation import check_non_negative_int, check_positive_int
+from refimpl._validation import check_finite, check_non_negative_int, check_positive_int
 
 
 def check_sparsity(sparsity: float) -> None:
@@ -50,8 +50,7 @@ def check_pattern(nm: tuple[int, int] | None, in_features: int | None = None) ->
 def _check_scores(scores: torch.Tensor) -> None:
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or not scores.is_floating_point():
         raise ValueError("scores must be a 2-D floating-point tensor [out_features, in_features]")
-    if torch.isnan(scores).any():
-        raise ValueError("scores hold NaN values")
+    check_finite("scores", scores)  # a NaN compares as larger than every score: it would be kept
 
 
 def keep_highest(scores: torch.Tensor, n_remove: int) -> torch.Tensor:

@@ -31,6 +31,7 @@ from typing import Sequence, Union
 import torch
 
 from refimpl import calibration, obs
+from refimpl._rollback import restores_on_error
 from refimpl._validation import check_positive_int
 from refimpl.pruning import masks
 
@@ -132,12 +133,15 @@ def _prune_layer(linears: Sequence[dict[str, torch.nn.Linear]], patterns: Sequen
         weights = [layer[name].weight for layer in linears for name in members]  # model-major
         row_patterns = [pattern for pattern in patterns for _ in members]
         sizes = [w.shape[0] for w in weights]
-        pruned = _prune(torch.cat(weights), stats[members[0]].hessian(), row_patterns, sizes, block_size, damp)
+        hessian_matrix = stats[members[0]].hessian()  # [in, in]
+        obs.check_weight_and_hessian(weights[0], hessian_matrix)  # NaN errors would rank first in the masks
+        pruned = _prune(torch.cat(weights), hessian_matrix, row_patterns, sizes, block_size, damp)
         for w, part in zip(weights, pruned.split(sizes)):
             w.copy_(part.to(w.dtype))
 
 
 @torch.no_grad()
+@restores_on_error("model")
 def prune_model_sparsegpt(model: torch.nn.Module, blocks: torch.Tensor | None, sparsity: float,
                           nm: tuple[int, int] | None = None, block_size: int = 128, damp: float = 0.01,
                           batch_size: int = 8, statistics: dict[str, calibration.InputStatistics] | None = None,
@@ -151,8 +155,9 @@ def prune_model_sparsegpt(model: torch.nn.Module, blocks: torch.Tensor | None, s
 
     Returns:
         ``model``, its pruned weights zero and the remaining ones reconstructed. Arguments are checked
-        before the first layer changes; only a numerical failure (a Hessian that dampening cannot make
-        positive definite, ``ValueError``) could stop it half-way.
+        before the first layer changes; an error in a later layer (activations that overflow, a Hessian
+        that dampening cannot make positive definite) leaves the model as it was (a copy of its tensors
+        is held during the call).
     """
     masks.check_model(model, sparsity, nm)
     pattern = nm if nm is not None else float(sparsity)

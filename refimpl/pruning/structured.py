@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from refimpl import calibration, evaluate, lora, training
-from refimpl._validation import check_layer_indices, check_positive_int
+from refimpl._rollback import restores_on_error
+from refimpl._validation import check_finite, check_layer_indices, check_positive_int
 from refimpl.quantization import packed
 
 
@@ -103,7 +104,7 @@ def taylor_importance(model: nn.Module, blocks: torch.Tensor, batch_size: int = 
     batch by batch; each weight's :math:`|g \\cdot w|` is summed over the structures it belongs to, and a
     layer's score is the sum over all its weights. The weights and ``requires_grad`` flags of ``model``
     are unchanged; its ``.grad`` tensors are cleared. Scores come back on the CPU."""
-    calibration.check_blocks(blocks, batch_size)
+    calibration.check_blocks(blocks, batch_size, model)
     layers = _check_layers(model)
     n_heads, n_kv, _ = _attention_shape(model)
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -140,7 +141,7 @@ def activation_importance(model: nn.Module, blocks: torch.Tensor, batch_size: in
     scores :math:`|W_{ij}|\\,\\lVert X_j \\rVert_2` of the ``o_proj``/``down_proj`` columns they own,
     key-value groups 0 (scored through their heads), layers by block influence
     :math:`1 - \\mathbb{E}_t \\cos(x_{\\ell,t}, x_{\\ell+1,t})` (ShortGPT Eq. 1). Scores come back on the CPU."""
-    calibration.check_blocks(blocks, batch_size)
+    calibration.check_blocks(blocks, batch_size, model)
     layers = _check_layers(model)
     n_heads, n_kv, head_dim = _attention_shape(model)
     squares = {(i, name): 0.0 for i in range(len(layers)) for name in ("self_attn.o_proj", "mlp.down_proj")}
@@ -194,6 +195,7 @@ def _check_count(param: str, value: int | None, current: int) -> None:
 
 
 @torch.no_grad()
+@restores_on_error("model")
 def prune_structured(model: nn.Module, importance: Importance, intermediate_size: int | None = None,
                      heads_per_group: int | None = None, n_kv_heads: int | None = None,
                      n_layers: int | None = None) -> nn.Module:
@@ -208,7 +210,9 @@ def prune_structured(model: nn.Module, importance: Importance, intermediate_size
 
     Returns:
         ``model``, with smaller ``nn.Linear`` layers, fewer decoder layers and its config updated; an
-        ordinary Hugging Face model (``save_pretrained`` and ``from_pretrained`` work).
+        ordinary Hugging Face model (``save_pretrained`` and ``from_pretrained`` work). Scores must be
+        finite (a NaN would rank first and be kept); an error leaves the model as it was (a copy of its
+        tensors is held during the call).
     """
     layers = _check_layers(model)
     n_heads, n_kv, head_dim = _attention_shape(model)
@@ -221,6 +225,7 @@ def prune_structured(model: nn.Module, importance: Importance, intermediate_size
         if tuple(getattr(importance, name).shape) != shape:
             raise ValueError(f"importance.{name} has shape {tuple(getattr(importance, name).shape)}, "
                              f"the model needs {shape}: score the model you prune")
+        check_finite(f"importance.{name}", getattr(importance, name))
     importance = Importance(*(t.detach().cpu() for t in (importance.heads, importance.kv_heads, importance.channels,
                                                          importance.layers)))
     _check_count("intermediate_size", intermediate_size, intermediate)
@@ -268,6 +273,7 @@ def prune_structured(model: nn.Module, importance: Importance, intermediate_size
     return keep_layers(model, _top(importance.layers, len(layers) if n_layers is None else n_layers).tolist())
 
 
+@restores_on_error("model")
 def keep_layers(model: nn.Module, keep: Sequence[int]) -> nn.Module:
     """Keep only the decoder layers ``keep`` (strictly increasing indices), in place: depth pruning,
     and the start of a layer-subset student (:mod:`refimpl.distillation.student`). Every module with a
@@ -275,7 +281,7 @@ def keep_layers(model: nn.Module, keep: Sequence[int]) -> nn.Module:
     ``num_hidden_layers`` (and ``layer_types`` where it has them).
 
     Returns:
-        ``model``.
+        ``model``. An error leaves it as it was (a copy of its tensors is held during the call).
     """
     layers = calibration.decoder_layers(model)
     keep = check_layer_indices(keep, len(layers))
@@ -291,31 +297,24 @@ def keep_layers(model: nn.Module, keep: Sequence[int]) -> nn.Module:
     return model
 
 
+@restores_on_error("model")
 def recover(model: nn.Module, blocks: torch.Tensor, config: training.TrainConfig, r: int = 8, alpha: float = 16.0,
             batch_size: int = 4) -> training.TrainLog:
     """Recovery fine-tuning (LLM-Pruner §3.3): LoRA adapters on every projection, trained on the
     next-token loss over ``blocks`` (``LongTensor [n, seq_len]``, cycled in batches of ``batch_size``)
     with :func:`refimpl.training.train`, then merged into the weights, in place. The model's
-    ``requires_grad`` flags are restored; if training fails, the adapters are removed unmerged.
+    ``requires_grad`` flags are restored; if training fails, the model is as it was (adapters gone,
+    a copy of its tensors is held during the call).
 
     Returns:
         the training log (losses per step, seconds).
     """
-    calibration.check_blocks(blocks, batch_size)
+    calibration.check_blocks(blocks, batch_size, model)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-
-    def restore_flags() -> None:
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])
-
     lora.add_lora(model, r, alpha)
-    try:
-        log = training.train(model, list(blocks.split(batch_size)), training.next_token_loss, config,
-                             desc="LoRA recovery")
-    except BaseException:
-        packed.swap_linears(model, {name: m.base for name, m in model.named_modules() if isinstance(m, lora.LoRALinear)})
-        restore_flags()
-        raise
+    log = training.train(model, list(blocks.split(batch_size)), training.next_token_loss, config,
+                         desc="LoRA recovery")
     lora.merge_lora(model)
-    restore_flags()
+    for name, p in model.named_parameters():
+        p.requires_grad_(flags[name])
     return log

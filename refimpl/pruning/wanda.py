@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from refimpl import calibration
+from refimpl._rollback import restores_on_error
 from refimpl._validation import check_choice
 from refimpl.pruning import masks
 
@@ -35,6 +36,7 @@ def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
+@restores_on_error("model")
 def prune_model_wanda(model: torch.nn.Module, blocks: torch.Tensor | None, sparsity: float,
                       nm: tuple[int, int] | None = None, scope: str = "row", batch_size: int = 8,
                       statistics: dict[str, calibration.InputStatistics] | None = None) -> torch.nn.Module:
@@ -50,7 +52,8 @@ def prune_model_wanda(model: torch.nn.Module, blocks: torch.Tensor | None, spars
         scope: compare scores per output ``"row"`` (the paper) or over the whole ``"layer"``.
 
     Returns:
-        ``model``, its pruned weights set to zero.
+        ``model``, its pruned weights set to zero. An error — also one in a later layer, such as
+        activations that overflow — leaves it as it was (a copy of its tensors is held during the call).
     """
     masks.check_model(model, sparsity, nm)
     check_choice("scope", scope, ("row", "layer"))

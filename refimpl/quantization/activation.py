@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from refimpl import calibration
-from refimpl._validation import check_choice, check_positive_int
+from refimpl._rollback import restores_on_error
+from refimpl._validation import check_choice, check_linear_input, check_positive_int
 from refimpl.quantization import packed, uniform
 
 WEIGHT_GRANULARITIES = ("tensor", "channel", "group")
@@ -128,6 +129,7 @@ class ActivationQuantizedLinear(nn.Module):
         return straight_through(x, x_hat) if x.requires_grad and torch.is_grad_enabled() else x_hat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_linear_input("x", x, self.in_features)
         return F.linear(self.quantize_input(x), self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -152,6 +154,7 @@ def activation_absmax(model: nn.Module, blocks: torch.Tensor, batch_size: int = 
 
 
 @torch.no_grad()
+@restores_on_error("model")
 def quantize_model_w8a8(
     model: nn.Module,
     blocks: torch.Tensor | None = None,
@@ -174,8 +177,8 @@ def quantize_model_w8a8(
     ``act_granularity='tensor'``; otherwise ranges are dynamic and ``blocks`` is not used.
     ``a_bits=None`` is weight-only quantization (W8A16 with ``w_bits=8``).
 
-    Every replacement is built before the first one is swapped in, so an error (bad argument, a layer
-    whose weight holds NaN) leaves the model untouched.
+    Every replacement is built before the first one is swapped in, and any error (bad argument, a layer
+    whose weight holds NaN) leaves the model as it was (a copy of its tensors is held during the call).
 
     Returns:
         ``model``, modified in place.

@@ -38,7 +38,8 @@ from __future__ import annotations
 import torch
 
 from refimpl import calibration
-from refimpl._validation import check_positive_int
+from refimpl._rollback import restores_on_error
+from refimpl._validation import check_finite, check_positive_int
 from refimpl.quantization import packed, uniform
 
 
@@ -91,6 +92,10 @@ def search_scales(
     if any(w.shape[1] != n_in for w in weights):
         raise ValueError(f"every weight must have in_features = {n_in} (the width of the inputs in stats)")
     check_positive_int("n_grid", n_grid)
+    check_finite("stats.mean_abs", stats.mean_abs)  # NaN errors would all lose: a silent alpha = 0 (RTN)
+    check_finite("stats.gram", stats.gram)
+    for i, w in enumerate(weights):
+        check_finite(f"weights[{i}]", w)
     activation_scale = stats.mean_abs.clamp_min(1e-8)  # s_X: mean |x| per input channel, [in]
     gram = stats.gram  # X^T X [in, in]
     weights = [w.detach().float() for w in weights]
@@ -138,6 +143,8 @@ def search_clipping(
     n_in = weight.shape[1]
     if not isinstance(gram, torch.Tensor) or gram.shape != (n_in, n_in):
         raise ValueError(f"gram must be a [{n_in}, {n_in}] tensor for a weight with {n_in} inputs")
+    check_finite("weight", weight)
+    check_finite("gram", gram)  # NaN errors never win: a group would silently keep r = 1
     check_positive_int("n_grid", n_grid)
     if group_size is not None:
         check_positive_int("group_size", group_size)
@@ -169,6 +176,7 @@ _NOT_CLIPPED = ("q_proj", "k_proj")
 
 
 @torch.no_grad()
+@restores_on_error("model")
 def quantize_model_awq(
     model: torch.nn.Module,
     blocks: torch.Tensor | None,
@@ -198,7 +206,8 @@ def quantize_model_awq(
             (:func:`search_clipping`, 10 ratios from 1 down to 0.55) except in q_proj and k_proj.
 
     Returns:
-        ``model``, modified in place.
+        ``model``, modified in place. An error — also one in a later layer, such as activations that
+        overflow — leaves it as it was (a copy of its tensors is held during the call).
     """
     uniform.check_model_grid(model, bits, group_size)  # fail before changing anything
     if not isinstance(clip, bool):

@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from refimpl import calibration, obs
+from refimpl._rollback import restores_on_error
 from refimpl._validation import check_positive_int
 from refimpl.quantization import packed, uniform
 
@@ -128,6 +129,7 @@ def gptq_quantize(
 
 
 @torch.no_grad()
+@restores_on_error("model")
 def quantize_model_gptq(
     model: torch.nn.Module,
     blocks: torch.Tensor | None,
@@ -159,7 +161,9 @@ def quantize_model_gptq(
             :math:`\\lVert \\Delta W X \\rVert^2` on its calibration inputs of round-to-nearest and of GPTQ.
 
     Returns:
-        ``model``, modified in place (simulated quantization unless ``pack``).
+        ``model``, modified in place (simulated quantization unless ``pack``). An error — also one in a
+        later layer, such as activations that overflow — leaves it as it was (a copy of its tensors is
+        held during the call).
     """
     uniform.check_model_grid(model, bits, group_size)  # fail before changing anything
     if not first_token_weight >= 0:

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from refimpl import calibration
+from refimpl._rollback import restores_on_error
+from refimpl._validation import check_linear_input
 from refimpl.quantization import packed, uniform
 
 OUTLIER_THRESHOLD = 6.0  # alpha, §3.2
@@ -144,9 +146,7 @@ class Int8Linear(torch.nn.Module):
         return self.weight_codes.float() * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x must be a tensor [..., {self.in_features}], got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        check_linear_input("x", x, self.in_features)
         rows = x.reshape(-1, self.in_features).float()  # [tokens, in]
         if rows.shape[0] == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
@@ -171,10 +171,12 @@ class Int8Linear(torch.nn.Module):
 
 
 @torch.no_grad()
+@restores_on_error("model")
 def quantize_model_int8(model: torch.nn.Module, threshold: float = OUTLIER_THRESHOLD,
                         skip: tuple[str, ...] = ("lm_head",)) -> torch.nn.Module:
     """Replace every linear layer of ``model`` (except ``skip``) by an :class:`Int8Linear`, in place.
-    Every layer is quantized before the first one is swapped, so an error leaves the model untouched.
+    Every layer is quantized before the first one is swapped, and any error leaves the model as it was
+    (a copy of its tensors is held during the call).
 
     Returns:
         ``model``, modified in place.

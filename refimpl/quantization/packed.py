@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from refimpl._rollback import restores_on_error
+from refimpl._validation import check_linear_input
 from refimpl.quantization import formats, uniform
 
 
@@ -174,6 +176,7 @@ class QuantizedLinear(torch.nn.Module):
         return weight if self.input_scale is None else weight / self.input_scale.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_linear_input("x", x, self.in_features)
         weight = self.dequantized_weight().to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)
@@ -245,6 +248,7 @@ class CodeBookLinear(torch.nn.Module):
                                             (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_linear_input("x", x, self.in_features)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
 
@@ -269,19 +273,27 @@ def linear_from_weight(weight: torch.Tensor, bias: torch.Tensor | None = None,
 
 def swap_linears(model: torch.nn.Module, replacements: dict[str, torch.nn.Module]) -> torch.nn.Module:
     """Put each module of ``replacements`` (by full name) in place of the layer of that name, in place.
-    Build all replacements before calling this, so that an error while building leaves ``model`` untouched."""
+    Every name is looked up before the first swap, so a wrong one (``AttributeError``) leaves ``model``
+    untouched; build all replacements before calling this, for the same reason."""
+    places = []
     for name, module in replacements.items():
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if not isinstance(getattr(parent, child, None), torch.nn.Module):
+            raise AttributeError(f"{type(model).__name__} has no module {name!r} to replace")
+        places.append((parent, child, module))
+    for parent, child, module in places:
+        setattr(parent, child, module)
     return model
 
 
 @torch.no_grad()
+@restores_on_error("model")
 def pack_model(model: torch.nn.Module, bits: int, symmetric: bool = False, granularity: str = "group",
                group_size: int | None = 64, skip: tuple[str, ...] = ("lm_head",)) -> torch.nn.Module:
     """Replace every linear layer of ``model`` (except ``skip``) by a round-to-nearest
-    :class:`QuantizedLinear`, in place. Every layer is quantized before the first one is swapped, so
-    an error leaves the model untouched.
+    :class:`QuantizedLinear`, in place. Every layer is quantized before the first one is swapped, and
+    any error leaves the model as it was (a copy of its tensors is held during the call).
 
     Returns:
         ``model``, modified in place.
@@ -319,10 +331,12 @@ def packed_size(model: torch.nn.Module, bits: int, symmetric: bool = False, gran
 
 
 @torch.no_grad()
+@restores_on_error("model")
 def pack_model_code_book(model: torch.nn.Module, code: torch.Tensor = formats.NF4_CODE, blocksize: int = 64,
                          double_quant: bool = True, skip: tuple[str, ...] = ("lm_head",)) -> torch.nn.Module:
     """Replace every linear layer of ``model`` (except ``skip``) by a :class:`CodeBookLinear` (NF4 by
-    default, with double quantization), in place; an error leaves the model untouched.
+    default, with double quantization), in place; any error leaves the model as it was (a copy of its
+    tensors is held during the call).
 
     Returns:
         ``model``, modified in place.

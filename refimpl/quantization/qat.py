@@ -41,7 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refimpl._validation import check_choice, check_non_negative_int, check_positive_int
+from refimpl._rollback import restores_on_error
+from refimpl._validation import (check_choice, check_linear_input, check_logits, check_non_negative_int,
+                                 check_positive_int)
 from refimpl.quantization import packed, uniform
 from refimpl.quantization.activation import ActivationQuantizedLinear, straight_through
 
@@ -131,6 +133,7 @@ class FakeQuantLinear(nn.Module):
         return ((codes - self.zero_point) * step).reshape(self.weight.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_linear_input("x", x, self.in_features)
         if self.a_bits is not None:
             x = straight_through(x, uniform.fake_quantize(x.detach(), self.a_bits, True, "token"))
         return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
@@ -141,13 +144,14 @@ class FakeQuantLinear(nn.Module):
                 f"learnable_scale={self.scale is not None}, a_bits={self.a_bits}")
 
 
+@restores_on_error("model")
 def prepare_qat(model: nn.Module, bits: int, symmetric: bool = False, granularity: str = "group",
                 group_size: int | None = 64, learnable_scale: bool = False, a_bits: int | None = None,
                 skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
     """Replace every linear layer of ``model`` (except ``skip``) by a :class:`FakeQuantLinear`, in place;
-    all replacements are built before the first is swapped in, so an error leaves the model untouched.
-    The other parameters (embeddings, norms) keep their ``requires_grad``; freeze them to train only
-    the quantized layers.
+    all replacements are built before the first is swapped in, and any error leaves the model as it was
+    (a copy of its tensors is held during the call). The other parameters (embeddings, norms) keep their
+    ``requires_grad``; freeze them to train only the quantized layers.
 
     Returns:
         ``model``.
@@ -164,6 +168,7 @@ def prepare_qat(model: nn.Module, bits: int, symmetric: bool = False, granularit
 
 
 @torch.no_grad()
+@restores_on_error("model")
 def convert_qat(model: nn.Module, pack: bool = False) -> nn.Module:
     """Replace every :class:`FakeQuantLinear` by what it computes, in place: an ``nn.Linear`` holding
     :math:`Q(W)` (wrapped in an input-quantizing
@@ -171,7 +176,7 @@ def convert_qat(model: nn.Module, pack: bool = False) -> nn.Module:
     ``pack=True`` a :class:`~refimpl.quantization.packed.QuantizedLinear` storing the codes.
 
     Returns:
-        ``model``.
+        ``model``. An error leaves it as it was (a copy of its tensors is held during the call).
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
     if not layers:
@@ -225,6 +230,7 @@ def self_generated_blocks(model: nn.Module, n_blocks: int, seq_len: int, greedy_
                 out = model(step_input.to(device), past_key_values=cache, use_cache=True)
                 cache = out.past_key_values
                 logits = out.logits[:, -1].float().cpu()  # [n, vocab]
+                check_logits("the logits of model", logits)  # greedy decoding would pick a NaN
                 if position <= greedy_tokens:
                     next_token = logits.argmax(dim=-1, keepdim=True)
                 else:

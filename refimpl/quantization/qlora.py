@@ -25,10 +25,12 @@ import torch
 from torch import nn
 
 from refimpl import lora, training
+from refimpl._rollback import restores_on_error
 from refimpl.evaluate import model_bytes
 from refimpl.quantization import formats, packed
 
 
+@restores_on_error("model")
 def prepare_qlora(model: nn.Module, r: int = 8, alpha: float = 16.0, blocksize: int = 64, double_quant: bool = True,
                   targets: tuple[str, ...] = lora.DEFAULT_TARGETS) -> nn.Module:
     """Pack the linear layers of ``model`` in NF4 (output layer excepted) and add LoRA adapters to the
@@ -36,7 +38,7 @@ def prepare_qlora(model: nn.Module, r: int = 8, alpha: float = 16.0, blocksize: 
     (:func:`refimpl.lora.merge_lora`) gives float32 layers holding the dequantized weight plus the update.
 
     Returns:
-        ``model``.
+        ``model``. An error leaves it as it was (a copy of its tensors is held during the call).
     """
     lora.check_lora_arguments(model, r, alpha, targets)  # before packing: an error leaves the model untouched
     packed.pack_model_code_book(model, formats.NF4_CODE, blocksize, double_quant)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from refimpl import calibration
+from refimpl._rollback import restores_on_error
 from refimpl.quantization.activation import activation_absmax
 
 # The authors' recipe for Llama-style decoders: the module producing an input -> the linear layers
@@ -107,6 +108,7 @@ def _smoothing_targets(model: nn.Module, pairs: dict[str, tuple[str, ...]]) -> l
 
 
 @torch.no_grad()
+@restores_on_error("model")
 def smooth_model(model: nn.Module, blocks: torch.Tensor | None, alpha: float = 0.5, batch_size: int = 8,
                  smooth_down_proj: bool = False,
                  statistics: dict[str, calibration.InputStatistics] | None = None) -> nn.Module:
@@ -127,7 +129,8 @@ def smooth_model(model: nn.Module, blocks: torch.Tensor | None, alpha: float = 0
     :math:`\\alpha` sweep reuse one capture.
 
     Returns:
-        ``model``, modified in place.
+        ``model``, modified in place. Any error leaves it as it was (a copy of its tensors is held
+        during the call).
     """
     _check_alpha(alpha)
     if not isinstance(smooth_down_proj, bool):

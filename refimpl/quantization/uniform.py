@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from refimpl._rollback import restores_on_error
 from refimpl._validation import check_choice, check_positive_int
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
@@ -214,6 +215,7 @@ def check_model_grid(model: torch.nn.Module, bits: int, group_size: int | None,
 
 
 @torch.no_grad()
+@restores_on_error("model")
 def quantize_model_rtn(
     model: torch.nn.Module,
     bits: int,
@@ -228,7 +230,8 @@ def quantize_model_rtn(
     Scales are rounded to float16, the precision a packed layer stores (:data:`WEIGHT_SCALE_DTYPE`),
     so the simulated model computes exactly what the packed one does.
 
-    All layers are checked before the first one changes, so an error leaves the model untouched.
+    All layers are checked before the first one changes, and any error leaves the model as it was (a
+    copy of its tensors is held during the call).
 
     Returns:
         ``model``, modified in place.

@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from refimpl import calibration
+from refimpl._rollback import restores_on_error
 from refimpl._validation import check_positive_int
 from refimpl.quantization.activation import ActivationQuantizedLinear, quantize_model_w8a8, straight_through
 
@@ -45,7 +46,8 @@ def quantize_model_zeroquant(model: nn.Module, w_bits: int = 8, group_size: int 
 
     Returns:
         ``model``, modified in place (its linear layers become
-        :class:`~refimpl.quantization.activation.ActivationQuantizedLinear`).
+        :class:`~refimpl.quantization.activation.ActivationQuantizedLinear`); an error leaves it as it
+        was (see :func:`~refimpl.quantization.activation.quantize_model_w8a8`).
     """
     return quantize_model_w8a8(model, None, w_bits, a_bits, "channel" if group_size is None else "group", group_size,
                                act_granularity="token", static=False, skip=skip, a_symmetric=a_symmetric)
@@ -76,6 +78,7 @@ def _paired_linears(fp_layer: nn.Module, q_layer: nn.Module) -> list[tuple[Activ
     return pairs
 
 
+@restores_on_error("model_q")
 def layerwise_distill(model_fp: nn.Module, model_q: nn.Module, blocks: torch.Tensor, steps: int = 20,
                       lr: float = 1e-4, batch_size: int = 8) -> list[tuple[float, float]]:
     """LKD (§4.2): train the weights of each quantized decoder layer of ``model_q``, in place, to match
@@ -87,7 +90,9 @@ def layerwise_distill(model_fp: nn.Module, model_q: nn.Module, blocks: torch.Ten
     ``model_q`` must be a quantized copy of ``model_fp`` (e.g. ``quantize_model_zeroquant(copy.deepcopy(model_fp))``).
 
     Returns:
-        ``(MSE before, MSE after)`` of every decoder layer's output, over all calibration tokens.
+        ``(MSE before, MSE after)`` of every decoder layer's output, over all calibration tokens. A
+        non-finite loss stops training (``FloatingPointError``), and any error leaves ``model_q`` as it
+        was (a copy of its tensors is held during the call).
     """
     check_positive_int("steps", steps)
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
@@ -96,10 +101,10 @@ def layerwise_distill(model_fp: nn.Module, model_q: nn.Module, blocks: torch.Ten
     if len(layers_fp) != len(layers_q):
         raise TypeError(f"model_fp has {len(layers_fp)} decoder layers, model_q {len(layers_q)}")
     pairs = [_paired_linears(f, q) for f, q in zip(layers_fp, layers_q)]  # check all layers first
-    calibration.check_blocks(blocks, batch_size)
+    calibration.check_blocks(blocks, batch_size, model_fp)
     states = calibration._first_layer_inputs(model_fp, blocks, batch_size)  # [(hidden [b, t, d], kwargs)]
     losses = []
-    for fp_layer, q_layer, layer_pairs in zip(layers_fp, layers_q, pairs):
+    for index, (fp_layer, q_layer, layer_pairs) in enumerate(zip(layers_fp, layers_q, pairs)):
         with torch.no_grad():  # the teacher's outputs L_k(...L_1(X)): targets here, inputs of layer k + 1
             targets = [calibration.layer_output(fp_layer(hidden, **kwargs)) for hidden, kwargs in states]
 
@@ -121,6 +126,8 @@ def layerwise_distill(model_fp: nn.Module, model_q: nn.Module, blocks: torch.Ten
             for step in range(steps):
                 (hidden, kwargs), target = states[step % len(states)], targets[step % len(states)]
                 loss = F.mse_loss(calibration.layer_output(q_layer(hidden, **kwargs)), target)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"the LKD loss of layer {index} is {loss.item()} at step {step}")
                 grads = torch.autograd.grad(loss, latents)  # only the latents: no .grad left on the model
                 for latent, grad in zip(latents, grads):
                     latent.grad = grad
