@@ -17,6 +17,12 @@ Face ``config`` (structured pruning and GQA conversion change it). The copy of t
 cost: memory for one more copy of the model's tensors, on their devices, while the call runs. A call
 on a model (or on a part of one) that an outer call already protects takes no second snapshot, nor does
 a call on a fresh copy that no caller holds (:func:`private_copy`).
+
+What it does not cover, because no refimpl function does it: hooks registered on tensors (not on
+modules), a parametrization that the call removes, tensors created under ``torch.inference_mode``
+(they cannot be written back outside it), attributes of the model other than modules, tensors and its
+``config`` (``generation_config``), and an error that an inner protected call raises and its caller
+catches inside an outer protected block (the inner call's changes are then kept).
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refimpl import runtime
-from refimpl._validation import check_non_negative_int, check_positive_int
+from refimpl._validation import check_non_negative_int, check_positive_int, check_token_ids, vocabulary_size
 from refimpl.attention import gqa
 from refimpl.attention.decoder import Decoder
 from refimpl.attention.kv_cache import KVCache, ModelKVCache, apply_rope
@@ -303,6 +303,7 @@ def greedy_static(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], de
 
 def greedy_hf(model: nn.Module, prompt: torch.Tensor, n_new: int) -> torch.Tensor:
     """``n_new`` greedy tokens from Hugging Face ``generate`` (its default dynamic cache)."""
+    check_token_ids("prompt", prompt, vocabulary_size(model))
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=n_new,
                          min_new_tokens=n_new, pad_token_id=0)
     if out.shape[1] != prompt.shape[1] + n_new:

@@ -71,6 +71,8 @@ import torch
 from torch import nn
 
 from refimpl import calibration, data, evaluate, reproducibility, runtime, training
+from refimpl._rollback import private_copy
+from refimpl._validation import check_token_ids, vocabulary_size
 from refimpl.attention import gqa
 from refimpl.pruning import masks
 from refimpl.runtime import progress
@@ -488,6 +490,7 @@ class Row:
     modules: tuple[str, ...] = ()  # refimpl modules whose code decides its results (for the key)
     combination: bool = False
     reuses: tuple[str, ...] = ()  # rows whose result this row starts from (made once when both run)
+    trained_far: bool = False  # trained tens of steps from a destroyed model: figures hold to a sixth
 
     @property
     def method(self) -> str:
@@ -498,12 +501,13 @@ class Row:
         """The kind of its perplexities (:mod:`refimpl.reproducibility`), the widest that applies: every
         method passes its weights through a discrete choice (a grid, a mask, a search); a row that trains
         carries every difference in the arithmetic through its updates; one that rounds activations or
-        the KV cache does so again in every forward pass. The dense model is plain float arithmetic."""
+        the KV cache does so again in every forward pass (``trained_far``: a training that starts from
+        a destroyed model moves further still). The dense model is plain float arithmetic."""
         kinds = ["float"]
         if self.methods:
             kinds.append("grid")
         if self.training:
-            kinds.append("trained")
+            kinds.append("long-training" if self.trained_far else "trained")
         if self.kv_bits is not None or {"refimpl.quantization.activation", "refimpl.quantization.llm_int8"} & set(
                 self.modules):
             kinds.append("activations")
@@ -630,7 +634,7 @@ ROWS: tuple[Row, ...] = (
         "key-value heads mean-pooled to one (GQA -> MQA), then the k/v projections uptrained "
         f"{_UPTRAINING}, AdamW lr {gqa.UPTRAINING.lr:g}", _mqa, "07", "float32, one key-value head",
         "none (a smaller KV cache)", training=f"{_UPTRAINING} (k/v projections only)",
-        modules=("refimpl.attention.gqa", "refimpl.training")),
+        modules=("refimpl.attention.gqa", "refimpl.training"), trained_far=True),
     # Combinations.
     Row("sparsegpt-50+gptq-w4g64", ("sparsegpt", "gptq"), "pruning+quantization",
         "sparsegpt-50, then gptq-w4g64 calibrated on the pruned model; the pruned weights restored to zero "
@@ -658,7 +662,7 @@ ROWS: tuple[Row, ...] = (
         "fake-quantized in every attention call", "attention over a packed int8 cache", kv_bits=8,
         training=f"{_UPTRAINING} (k/v projections only)",
         modules=("refimpl.attention.gqa", "refimpl.training", "refimpl.quantization.kv_cache") + _Q,
-        combination=True, reuses=("mqa",)),
+        combination=True, reuses=("mqa",), trained_far=True),
 )
 
 #: Implemented methods of the taxonomy that are not a row of the table, and why (a method may be listed
@@ -728,6 +732,7 @@ def select_rows(methods: Sequence[str] | str | None) -> list[Row]:
 def kv_bytes_per_token(model: nn.Module, block: torch.Tensor, kv_bits: int | None = None) -> float:
     """Bytes per token of the KV cache ``model`` builds over ``block [1, L]``: as float tensors
     (:func:`refimpl.evaluate.cache_bytes`) or packed to ``kv_bits`` (KIVI, :func:`kv_cache.pack_cache`)."""
+    check_token_ids("block", block, vocabulary_size(model))
     with evaluate.eval_mode(model):
         cache = model(block.to(evaluate.model_device(model)), use_cache=True).past_key_values
     if kv_bits is None:
@@ -749,7 +754,8 @@ def measure_row(row: Row, ctx: Context, timing: bool = True) -> dict[str, Any]:
     model = copy.deepcopy(ctx.base)
     start = time.perf_counter()
     try:
-        model = row.apply(model, ctx)
+        with private_copy(model):  # no caller holds the copy: apply_s times the method, not a rollback snapshot
+            model = row.apply(model, ctx)
     except RowSkipped as skipped:
         values.update(status="skipped", reason=str(skipped))
         return values

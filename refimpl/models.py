@@ -140,7 +140,8 @@ def load_model(
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    device = resolve_device(as_device("device", device))  # before loading: "cuda" without CUDA fails now
+    if device_map is None:  # checked before loading: "cuda" without CUDA fails now, not after the download
+        device = resolve_device(as_device("device", device))
     source = resolve(name_or_path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -19,10 +19,11 @@ Step :math:`t` uses ``batches[t % len(batches)]``, so a fixed list of batches is
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -147,6 +148,18 @@ def train(model: torch.nn.Module, batches: Sequence[Any], loss_fn: Callable[[tor
         model.train(was_training)
         log.seconds = time.perf_counter() - start
     return log
+
+
+@contextlib.contextmanager
+def requires_grad_restored(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, the ``requires_grad`` flags of ``model``'s parameters may be set at will (to
+    train some of them); afterwards every parameter the model had before is back to its own flag."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
 
 
 def next_token_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:

@@ -189,7 +189,8 @@ def test_uptraining_trains_only_the_key_and_value_projections(tiny_llama, char_t
 def test_the_books_uptraining_recipe(char_tokenizer, monkeypatch):
     from refimpl import data
 
-    monkeypatch.setattr(data, "load_text", lambda name, split: f"{name} {split} " * 2000)
+    monkeypatch.setattr(data, "load_text", lambda name, split: " ".join(f"{name}{i}" for i in range(5000)))
     config, batches = gqa.uptraining_recipe(char_tokenizer)
     assert config.steps == len(batches) and all(b.shape == (2, 128) for b in batches)
-    assert config.lr <= 1e-3 and config.warmup_steps >= 1
+    assert config is gqa.UPTRAINING and config.warmup_steps >= 1
+    assert len({tuple(b.flatten().tolist()) for b in batches}) == len(batches)  # every step on new text

@@ -297,6 +297,8 @@ def test_sampled_first_token_follows_the_rules_distribution():
     (lambda m: generate(m, _ids(2, 4), 3, stop_tokens=2), TypeError, "stop_tokens"),
     (lambda m: generate(m, _ids(2, 4), 3, stop_tokens=[-1]), ValueError, "stop_tokens"),
     (lambda m: generate(m, _ids(2, 4), 3, pad_token_id=-1), ValueError, "pad_token_id"),
+    (lambda m: generate(m, _ids(2, 4), 3, pad_token_id=500), ValueError, "pad_token_id must be token ids below"),
+    (lambda m: generate(m, _ids(2, 4), 3, stop_tokens=[128]), ValueError, "stop_tokens must be token ids below"),
     (lambda m: generate(m, _ids(2, 4), 3, seed=-1), ValueError, "seed"),
 ])
 def test_generate_rejects_bad_arguments(call, error, match):

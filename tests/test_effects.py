@@ -364,6 +364,7 @@ def test_committed_table_recomputes_on_the_real_model(request):
 def test_rows_name_the_kind_of_their_perplexities():
     kinds = {row.id: row.tolerance for row in effects.ROWS}
     assert kinds["dense"] == "float" and kinds["rtn-w4g64"] == kinds["wanda-50"] == "grid"
-    assert kinds["mqa"] == kinds["kd-student"] == kinds["llm-pruner-mlp-lora"] == "trained"
-    assert kinds["zeroquant-w8a8"] == kinds["kv-int8"] == kinds["llm-int8"] == kinds["mqa+kv-int8"] == "activations"
+    assert kinds["kd-student"] == kinds["llm-pruner-mlp-lora"] == kinds["llm-qat-w3g64"] == "trained"
+    assert kinds["zeroquant-w8a8"] == kinds["kv-int8"] == kinds["llm-int8"] == "activations"
+    assert kinds["mqa"] == kinds["mqa+kv-int8"] == "long-training"
     assert set(kinds.values()) <= set(reproducibility.TOLERANCES)

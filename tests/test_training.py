@@ -110,3 +110,16 @@ def test_bad_arguments_are_named():
         training.train(model, [torch.ones(1, 2)], lambda m, b: m(b).sum(), config)
     with pytest.raises(TypeError, match="config"):
         training.train(nn.Linear(2, 1), [torch.ones(1, 2)], lambda m, b: m(b).sum(), {"steps": 1})
+
+
+def test_requires_grad_flags_are_restored_even_after_an_error():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[1].weight.requires_grad_(False)
+    try:
+        with training.requires_grad_restored(model):
+            for p in model.parameters():
+                p.requires_grad_(not p.requires_grad)
+            raise RuntimeError("half-way")
+    except RuntimeError:
+        pass
+    assert [p.requires_grad for p in model.parameters()] == [True, True, False, True]

@@ -85,7 +85,7 @@ class Decoder(nn.Module):
 
     @property
     def vocab_size(self) -> int:
-        """The number of token ids the model knows (its embedding rows)."""
+        """The number of token ids the model knows (its config's ``vocab_size``)."""
         return self.model.config.vocab_size
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, window: int | None = None,

@@ -147,6 +147,10 @@ def generate(model: nn.Module | Decoder, input_ids: torch.Tensor, max_new_tokens
     if pad_token_id is None:
         pad_token_id = min(stop) if stop else 0
     check_non_negative_int("pad_token_id", pad_token_id)
+    for name, ids in (("stop_tokens", stop), ("pad_token_id", {pad_token_id})):
+        if decoder.vocab_size is not None and any(i >= decoder.vocab_size for i in ids):
+            raise ValueError(f"{name} must be token ids below the model's vocabulary size {decoder.vocab_size}, "
+                             f"got {sorted(ids)}")
     generator = make_generator(seed, input_ids.device)
     batch, prompt_len = input_ids.shape
     cache = decoder.new_cache(batch, prompt_len + max_new_tokens)

@@ -107,18 +107,17 @@ def taylor_importance(model: nn.Module, blocks: torch.Tensor, batch_size: int = 
     calibration.check_blocks(blocks, batch_size, model)
     layers = _check_layers(model)
     n_heads, n_kv, _ = _attention_shape(model)
-    flags = {p: p.requires_grad for p in model.parameters()}
     weights = {(i, name): m.weight for i, layer in enumerate(layers) for name, m in layer.named_modules()
                if isinstance(m, nn.Linear)}
     was_training = model.training
     try:
         model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-            p.grad = None
-        for w in weights.values():
-            w.requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), training.requires_grad_restored(model):
+            for p in model.parameters():
+                p.requires_grad_(False)
+                p.grad = None
+            for w in weights.values():
+                w.requires_grad_(True)
             for batch in blocks.split(batch_size):
                 loss = training.next_token_loss(model, batch) * (batch.shape[0] / blocks.shape[0])
                 loss.backward()
@@ -128,9 +127,8 @@ def taylor_importance(model: nn.Module, blocks: torch.Tensor, batch_size: int = 
             heads, kv_heads, channels = _per_structure(layer, scores, n_heads, n_kv)
             per_layer.append((heads, kv_heads, channels, sum(s.sum() for s in scores.values())))
     finally:
-        for p, flag in flags.items():
+        for p in model.parameters():
             p.grad = None
-            p.requires_grad_(flag)
         model.train(was_training)
     return Importance(*(torch.stack([row[k] for row in per_layer]).detach().cpu() for k in range(4)))
 
@@ -310,11 +308,9 @@ def recover(model: nn.Module, blocks: torch.Tensor, config: training.TrainConfig
         the training log (losses per step, seconds).
     """
     calibration.check_blocks(blocks, batch_size, model)
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    lora.add_lora(model, r, alpha)
-    log = training.train(model, list(blocks.split(batch_size)), training.next_token_loss, config,
-                         desc="LoRA recovery")
-    lora.merge_lora(model)
-    for name, p in model.named_parameters():
-        p.requires_grad_(flags[name])
+    with training.requires_grad_restored(model):
+        lora.add_lora(model, r, alpha)
+        log = training.train(model, list(blocks.split(batch_size)), training.next_token_loss, config,
+                             desc="LoRA recovery")
+        lora.merge_lora(model)
     return log
