@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_llama
+from tiny import make_tiny_llama
 
 from refimpl import evaluate
 from refimpl.attention import gqa

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_llama
+from tiny import make_tiny_llama
 
 from refimpl import evaluate
 from refimpl.attention.decoder import Decoder, rope_theta

@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from tiny import make_tiny_llama
 
 from refimpl.attention.decoder import Decoder
 from refimpl.decoding.generate import Sampling, generate, make_generator

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from conftest import CharTokenizer, make_tiny_llama, save_tiny_model_folder
+from tiny import CharTokenizer, make_tiny_llama, save_tiny_model_folder
 from refimpl.distillation import step_by_step as sbs
 from refimpl.distillation import train as kd
 from refimpl.training import TrainConfig, train

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny_llama
+from tiny import make_tiny_llama
 from refimpl import calibration
 from refimpl.distillation import student as st
 

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from tiny import make_tiny_llama
 from refimpl.distillation import losses
 from refimpl.distillation import train as kd
 from refimpl.distillation.student import StudentSpec, layer_subset_student

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CharTokenizer, make_tiny_llama
+from tiny import CharTokenizer, make_tiny_llama
 from refimpl import data, effects, reproducibility, taxonomy
 
 TINY = effects.Protocol(eval_seq_len=32, eval_n_blocks=2, eval_use=2, ptq_calibration=(64, 2),

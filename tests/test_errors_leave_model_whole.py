@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import refimpl
-from conftest import make_tiny_llama
+from tiny import make_tiny_llama
 from refimpl import _rollback, calibration, evaluate, lora, models, tradeoffs, training
 from refimpl.attention import gqa
 from refimpl.attention.decoder import Decoder

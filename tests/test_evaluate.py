@@ -122,7 +122,7 @@ def test_decode_timing_decodes_one_token_at_a_time_with_the_cache(tiny_llama):
 
 
 def test_measurements_run_in_eval_mode_and_restore_the_mode():
-    from conftest import make_tiny_llama
+    from tiny import make_tiny_llama
 
     model = make_tiny_llama(attention_dropout=0.5).train()
     blocks = torch.randint(0, 128, (2, 16))

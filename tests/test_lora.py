@@ -50,7 +50,7 @@ def test_merge_unmerge_and_merge_lora_compute_the_same_function(tiny_llama):
 
 
 def test_adapters_on_a_quantized_base_merge_into_float_layers():
-    from conftest import make_tiny_llama
+    from tiny import make_tiny_llama
 
     blocks = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
     model = packed.pack_model(make_tiny_llama(), 4)

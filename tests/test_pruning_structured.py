@@ -12,7 +12,7 @@ from refimpl import evaluate, lora
 from refimpl.pruning import structured
 from refimpl.training import TrainConfig
 
-from conftest import make_tiny_llama
+from tiny import make_tiny_llama
 
 
 @pytest.fixture

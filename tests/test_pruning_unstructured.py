@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from tiny import make_tiny_llama
 from refimpl import calibration
 from refimpl.pruning import magnitude, masks, sparsegpt, wanda
 

@@ -59,7 +59,7 @@ def test_search_validates():
 def test_statistics_captured_once_give_the_same_first_layer():
     """Sequential calibration and statistics captured once agree on the first decoder layer (its
     inputs do not depend on earlier quantized layers) and differ later."""
-    from conftest import make_tiny_llama
+    from tiny import make_tiny_llama
 
     blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     sequential, captured = make_tiny_llama(), make_tiny_llama()
@@ -86,7 +86,7 @@ def test_model_awq_shares_scales_among_layers_reading_one_input(tiny_llama):
 
 
 def test_model_awq_packs_what_it_simulates():
-    from conftest import make_tiny_llama
+    from tiny import make_tiny_llama
 
     blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     simulated, stored = make_tiny_llama(), make_tiny_llama()
@@ -102,7 +102,7 @@ def test_model_awq_packs_what_it_simulates():
 
 @pytest.mark.parametrize("method", ["awq", "gptq"])
 def test_half_precision_models_pack_and_nan_fails_first(method):
-    from conftest import make_tiny_llama
+    from tiny import make_tiny_llama
 
     from refimpl.quantization import gptq
 
@@ -151,7 +151,7 @@ def test_clipping_search_never_loses_on_its_objective(bits, group_size):
 
 
 def test_model_awq_clips_all_but_queries_and_keys_and_packs_it():
-    from conftest import make_tiny_llama
+    from tiny import make_tiny_llama
 
     blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     plain, clipped, stored = make_tiny_llama(), make_tiny_llama(), make_tiny_llama()

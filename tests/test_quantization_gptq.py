@@ -190,7 +190,7 @@ def test_layers_reading_one_input_are_quantized_as_if_alone(tiny_llama):
 
 
 def test_model_gptq_packs_what_it_simulates():
-    from conftest import make_tiny_llama
+    from tiny import make_tiny_llama
 
     blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     simulated = gptq.quantize_model_gptq(make_tiny_llama(), blocks, bits=3, group_size=32)
@@ -201,7 +201,7 @@ def test_model_gptq_packs_what_it_simulates():
 
 
 def test_model_gptq_quantizes_in_place_and_checks_first():
-    from conftest import make_tiny_llama
+    from tiny import make_tiny_llama
 
     model = make_tiny_llama(intermediate_size=96)
     before = [p.clone() for p in model.parameters()]
@@ -215,7 +215,7 @@ def test_model_gptq_quantizes_in_place_and_checks_first():
 
 
 def test_statistics_captured_once_and_the_error_report():
-    from conftest import make_tiny_llama
+    from tiny import make_tiny_llama
 
     blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     model = make_tiny_llama()

@@ -96,7 +96,7 @@ def test_packed_size_is_what_pack_model_leaves(tiny_llama, bits, granularity, gr
 
 
 def test_pack_model_leaves_the_model_untouched_on_error():
-    from conftest import make_tiny_llama
+    from tiny import make_tiny_llama
 
     model = make_tiny_llama(intermediate_size=96)
     with pytest.raises(ValueError, match="group_size 64 must divide"):
@@ -171,7 +171,7 @@ def test_code_book_linear_equals_block_wise_quantization(double_quant):
 def test_pack_model_code_book_swaps_and_is_atomic(tiny_llama):
     packed.pack_model_code_book(tiny_llama)
     assert sum(isinstance(m, packed.CodeBookLinear) for m in tiny_llama.modules()) == 14
-    from conftest import make_tiny_llama
+    from tiny import make_tiny_llama
 
     model = make_tiny_llama()
     with torch.no_grad():

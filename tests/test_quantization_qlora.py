@@ -48,7 +48,7 @@ def test_bad_arguments_leave_the_model_unpacked(tiny_llama):
 
 
 def test_merged_layers_keep_a_float_base_dtype():
-    from conftest import make_tiny_llama
+    from tiny import make_tiny_llama
 
     model = lora.add_lora(make_tiny_llama().to(torch.bfloat16), r=2)
     lora.merge_lora(model)

@@ -127,7 +127,7 @@ def test_rtn_quantizes_every_linear_but_the_output_layer(tiny_llama):
 
 
 def test_rtn_leaves_the_model_untouched_on_error():
-    from conftest import make_tiny_llama
+    from tiny import make_tiny_llama
 
     model = make_tiny_llama(intermediate_size=96)  # down_proj has 96 inputs, every other layer 64
     before = [p.clone() for p in model.parameters()]

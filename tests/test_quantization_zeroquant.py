@@ -93,7 +93,7 @@ def test_layerwise_distill_validates(tiny_llama):
         zeroquant.layerwise_distill(tiny_llama, student, BLOCKS, steps=0)
     with pytest.raises(ValueError, match="lr"):
         zeroquant.layerwise_distill(tiny_llama, student, BLOCKS, lr=0.0)
-    from conftest import make_tiny_llama
+    from tiny import make_tiny_llama
 
     other = make_tiny_llama(hidden_size=32, intermediate_size=64)
     with pytest.raises(TypeError, match="quantized copy"):
