@@ -13,6 +13,7 @@ when Jupyter Book is not installed.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import sys
 import unicodedata
@@ -210,3 +211,98 @@ def test_solutions_are_hidden(html):
         for classes in re.findall(r'<div class="([^"]*\bsolution\b[^"]*)"', source):
             if "admonition" in classes:
                 assert "dropdown" in classes.split(), f"{stem}: a solution is shown unfolded ({classes})"
+
+
+# --- in a browser -------------------------------------------------------------------------------
+# Headless Chromium driven by Playwright, at a phone's width (390 px) and a laptop's (1366 px), on
+# the built pages opened from the file system. Skipped where Playwright or Chromium is missing, unless
+# REFIMPL_REQUIRE_BROWSER is set, as CI does after installing Chromium (.ci/run).
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return os.environ.get("REFIMPL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    required = bool(os.environ.get("REFIMPL_REQUIRE_BROWSER"))
+    try:
+        from playwright import sync_api
+    except ImportError:
+        (pytest.fail if required else pytest.skip)("playwright is not installed")
+    executable = _chromium()
+    if executable is None:
+        (pytest.fail if required else pytest.skip)("no Chromium found (install it, or set REFIMPL_CHROMIUM to its path)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def _open(browser, url: str, width: int):
+    """A page at ``width`` px, with the console errors and uncaught exceptions it logs."""
+    page = browser.new_page(viewport={"width": width, "height": 800})
+    errors: list[str] = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(url)
+    return page, errors
+
+
+def _visible(page, selector: str):
+    shown = [element for element in page.query_selector_all(selector) if element.is_visible()]
+    assert len(shown) == 1, f"{len(shown)} visible {selector} buttons"
+    return shown[0]
+
+
+def test_phone_opens_the_chapter_list_and_the_page_contents(html, browser):
+    page, errors = _open(browser, (html / "notebooks" / "05_pruning.html").as_uri(), 390)
+    _visible(page, ".primary-toggle").click()
+    dialog = page.locator("#pst-primary-sidebar-modal")
+    dialog.wait_for(state="visible", timeout=5000)
+    assert dialog.evaluate("d => d.open")
+    for stem in chapter_stems():
+        if stem != "05_pruning":  # the page itself is linked as "#"
+            assert dialog.locator(f'a[href$="{stem}.html"]').count() >= 1, f"{stem} is not in the phone menu"
+    page.keyboard.press("Escape")
+    _visible(page, ".secondary-toggle").click()
+    contents = page.locator("#pst-secondary-sidebar-modal")
+    contents.wait_for(state="visible", timeout=5000)
+    assert contents.locator('a[href="#structured-pruning"]').count() == 1
+    assert not errors, errors
+    page.close()
+
+
+def test_desktop_menu_button_collapses_and_restores_the_sidebar(html, browser):
+    page, errors = _open(browser, (html / "notebooks" / "05_pruning.html").as_uri(), 1366)
+    sidebar = page.locator("#pst-primary-sidebar")
+    assert sidebar.is_visible()
+    _visible(page, ".primary-toggle").click()
+    page.wait_for_function("() => document.querySelector('#pst-primary-sidebar').classList.contains('pst-sidebar-hidden')")
+    _visible(page, ".primary-toggle").click()
+    page.wait_for_function("() => !document.querySelector('#pst-primary-sidebar').classList.contains('pst-sidebar-hidden')")
+    assert not errors, errors
+    page.close()
+
+
+def test_search_works_from_the_file_system(html, browser):
+    page, errors = _open(browser, (html / "search.html").as_uri() + "?q=sparsegpt", 1366)
+    page.wait_for_selector("#search-results li", timeout=10000)
+    page.wait_for_timeout(500)  # summaries, were they fetched, would fail now
+    titles = page.locator("#search-results li a").all_inner_texts()
+    assert any("Pruning" in title for title in titles), titles
+    assert not errors, errors
+    page.close()
+
+
+def test_chapter_pages_load_without_errors(html, browser):
+    for stem in chapter_stems():
+        page, errors = _open(browser, (html / "notebooks" / f"{stem}.html").as_uri(), 1366)
+        page.wait_for_load_state("load")
+        assert not errors, (stem, errors)
+        page.close()
