@@ -11,4 +11,12 @@
   white-box distillation (online, or offline from stored top-k teacher probabilities), black-box
   sequence-level distillation on teacher-generated text, and on-policy distillation on the student's
   own samples (GKD); and trained students saved in refimpl's cache under a hash of their recipe.
+- :mod:`refimpl.distillation.minillm` — MiniLLM's sequence-level reverse KL on the student's own
+  (teacher-mixed) samples, optimised by policy gradient with the paper's variance reductions
+  (single-step decomposition, teacher-mixed sampling, length normalization) and the PT loss. Its public
+  names are exported here.
 """
+
+from refimpl.distillation.minillm import SampledResponses, minillm_loss, minillm_train, sample_responses
+
+__all__ = ["SampledResponses", "minillm_loss", "minillm_train", "sample_responses"]
