@@ -6,4 +6,17 @@
   pass, rejection sampling keeps the target's distribution), its acceptance arithmetic, and drafts:
   any smaller model, the target's own first layers (self-speculative), a quantized copy, or n-gram
   lookup in the text itself.
+- :mod:`refimpl.decoding.early_exit`: CALM, each generated token leaves the decoder at the first
+  layer whose confidence (softmax response, hidden-state saturation) reaches a threshold, with the
+  skipped layers' keys and values propagated from the exit state, and the threshold calibrated by
+  Learn-then-Test against the full model's output.
 """
+
+from refimpl.decoding.early_exit import (CONFIDENCE_MEASURES, EarlyExitResult, LayerwiseDecoder, ThresholdCalibration,
+                                         calibrate_threshold, decaying_threshold, early_exit_generate,
+                                         hidden_state_saturation, hoeffding_bentkus_p_value, hoeffding_p_value,
+                                         learn_then_test, softmax_response, token_inconsistency)
+
+__all__ = ["CONFIDENCE_MEASURES", "EarlyExitResult", "LayerwiseDecoder", "ThresholdCalibration", "calibrate_threshold",
+           "decaying_threshold", "early_exit_generate", "hidden_state_saturation", "hoeffding_bentkus_p_value",
+           "hoeffding_p_value", "learn_then_test", "softmax_response", "token_inconsistency"]
