@@ -20,9 +20,10 @@ from tiny import make_tiny_llama
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from refimpl.attention.decoder import Decoder
-from refimpl.decoding import (EarlyExitResult, ThresholdCalibration, calibrate_threshold, decaying_threshold,
-                              early_exit_generate, hidden_state_saturation, hoeffding_bentkus_p_value,
-                              hoeffding_p_value, learn_then_test, softmax_response, token_inconsistency)
+from refimpl.decoding.early_exit import (EarlyExitResult, ThresholdCalibration, calibrate_threshold,
+                                         decaying_threshold, early_exit_generate, hidden_state_saturation,
+                                         hoeffding_bentkus_p_value, hoeffding_p_value, learn_then_test,
+                                         softmax_response, token_inconsistency)
 from refimpl.decoding.generate import generate
 
 N_LAYERS = 4

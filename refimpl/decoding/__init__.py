@@ -11,12 +11,3 @@
   skipped layers' keys and values propagated from the exit state, and the threshold calibrated by
   Learn-then-Test against the full model's output.
 """
-
-from refimpl.decoding.early_exit import (CONFIDENCE_MEASURES, EarlyExitResult, LayerwiseDecoder, ThresholdCalibration,
-                                         calibrate_threshold, decaying_threshold, early_exit_generate,
-                                         hidden_state_saturation, hoeffding_bentkus_p_value, hoeffding_p_value,
-                                         learn_then_test, softmax_response, token_inconsistency)
-
-__all__ = ["CONFIDENCE_MEASURES", "EarlyExitResult", "LayerwiseDecoder", "ThresholdCalibration", "calibrate_threshold",
-           "decaying_threshold", "early_exit_generate", "hidden_state_saturation", "hoeffding_bentkus_p_value",
-           "hoeffding_p_value", "learn_then_test", "softmax_response", "token_inconsistency"]

@@ -13,10 +13,5 @@
   own samples (GKD); and trained students saved in refimpl's cache under a hash of their recipe.
 - :mod:`refimpl.distillation.minillm` — MiniLLM's sequence-level reverse KL on the student's own
   (teacher-mixed) samples, optimised by policy gradient with the paper's variance reductions
-  (single-step decomposition, teacher-mixed sampling, length normalization) and the PT loss. Its public
-  names are exported here.
+  (single-step decomposition, teacher-mixed sampling, length normalization) and the PT loss.
 """
-
-from refimpl.distillation.minillm import SampledResponses, minillm_loss, minillm_train, sample_responses
-
-__all__ = ["SampledResponses", "minillm_loss", "minillm_train", "sample_responses"]
