@@ -25,13 +25,7 @@ EOS = 2  # LlamaConfig's default eos_token_id, in the tiny models' generation_co
 PROMPTS = torch.tensor([[1, 3], [4, 0], [5, 5], [0, 2]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a thread pool only adds overhead, a lot of it on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _tiny(seed: int, layers: int, vocab_size: int = VOCAB) -> nn.Module:

@@ -44,13 +44,7 @@ BLOCKS = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_see
 DIVERGES = TrainConfig(steps=3, lr=1e30)  # step 0 is finite, step 1 is not: training fails with the model changed
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a thread pool only adds overhead, a lot of it on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # --- what "whole" means --------------------------------------------------------------------------

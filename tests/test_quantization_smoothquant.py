@@ -164,15 +164,6 @@ def test_smooth_model_needs_llama_structure(tiny_llama):
         smoothquant.smooth_model(tiny_llama, torch.zeros(1, 8, dtype=torch.long))
 
 
-@pytest.fixture
-def one_thread():
-    """On a shared, busy 2-core CPU, two threads waiting on each other make this test 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_smooth_model_keeps_smollm2_logits(smollm2):

@@ -16,13 +16,7 @@ from refimpl.quantization.activation import ActivationQuantizedLinear
 BLOCKS = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Distillation runs many small kernels: on a shared, busy CPU one thread is much faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _relative_error(model, reference) -> float:

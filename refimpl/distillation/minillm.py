@@ -62,10 +62,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from refimpl._rollback import restores_on_error
-from refimpl._validation import (check_causal_lm, check_choice, check_logits, check_non_negative_int,
-                                 check_positive_int, check_token_ids)
+from refimpl._validation import (check_choice, check_logits, check_non_negative_int, check_positive_int,
+                                 check_token_ids)
 from refimpl.distillation.losses import _token_kl
-from refimpl.distillation.train import _eos_ids
+from refimpl.distillation.train import _eos_ids, check_teacher_student
 from refimpl.evaluate import eval_mode, model_device
 from refimpl.training import TrainConfig, TrainLog, _check_config, next_token_loss, train
 
@@ -113,16 +113,6 @@ def _check_alpha(alpha: Any) -> None:
                          f"got {alpha!r}")
 
 
-def _check_pair(student: Any, teacher: Any) -> None:
-    check_causal_lm("student", student)
-    check_causal_lm("teacher", teacher)
-    if teacher is student:
-        raise ValueError("student and teacher must be different models")
-    if student.config.vocab_size != teacher.config.vocab_size:
-        raise ValueError(f"student and teacher must share a vocabulary, got {student.config.vocab_size} "
-                         f"and {teacher.config.vocab_size} tokens")
-
-
 def _check_flag(param: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{param} must be a bool, got {type(value).__name__}")
@@ -156,7 +146,7 @@ def sample_responses(student: nn.Module, teacher: nn.Module, prompts: torch.Tens
     Returns:
         the :class:`SampledResponses`, on the student's device.
     """
-    _check_pair(student, teacher)
+    check_teacher_student(student, teacher)
     check_token_ids("prompts", prompts, student.config.vocab_size, "student")
     check_positive_int("max_new_tokens", max_new_tokens)
     _check_alpha(alpha)
@@ -230,7 +220,7 @@ def minillm_loss(student: nn.Module, teacher: nn.Module, samples: SampledRespons
         reduction: ``"mean"`` over the responses of the per-response sums over tokens (the gradient of the
             sequence-level KL averaged over prompts) or ``"none"`` (``[B]``).
     """
-    _check_pair(student, teacher)
+    check_teacher_student(student, teacher)
     if not isinstance(samples, SampledResponses):
         raise TypeError(f"samples must be SampledResponses (from sample_responses), got {type(samples).__name__}")
     check_token_ids("samples.tokens", samples.tokens, student.config.vocab_size, "student")
@@ -294,7 +284,7 @@ def minillm_train(student: nn.Module, teacher: nn.Module, prompts: torch.Tensor,
         the :class:`~refimpl.training.TrainLog`. Arguments are checked before anything runs; any error
         (a non-finite loss included) leaves the student as it was. The teacher is never trained.
     """
-    _check_pair(student, teacher)
+    check_teacher_student(student, teacher)
     check_token_ids("prompts", prompts, student.config.vocab_size, "student")
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")

@@ -102,6 +102,17 @@ def teacher_topk(teacher: nn.Module, blocks: torch.Tensor, k: int, temperature: 
                          torch.cat([p.rest_log_prob for p in parts]), parts[0].temperature)
 
 
+def check_teacher_student(student: Any, teacher: Any) -> None:
+    """Both causal language models, two different objects, one vocabulary; else a clear error."""
+    check_causal_lm("student", student)
+    check_causal_lm("teacher", teacher)
+    if teacher is student:
+        raise ValueError("student and teacher must be different models")
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise ValueError(f"student and teacher must share a vocabulary, got {student.config.vocab_size} "
+                         f"and {teacher.config.vocab_size} tokens")
+
+
 def _eos_ids(model: nn.Module) -> list[int]:
     eos = model.generation_config.eos_token_id
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -246,12 +257,7 @@ def distill(student: nn.Module, teacher: nn.Module | SparseTeacher, data: torch.
         if top_k is not None:
             raise ValueError("top_k must be None when teacher is already a SparseTeacher")
     else:
-        check_causal_lm("teacher", teacher)
-        if teacher is student:
-            raise ValueError("student and teacher must be different models")
-        if teacher.config.vocab_size != student.config.vocab_size:
-            raise ValueError(f"student and teacher must share a vocabulary, got {student.config.vocab_size} "
-                             f"and {teacher.config.vocab_size} tokens")
+        check_teacher_student(student, teacher)
     check_token_ids("data", data, student.config.vocab_size, "student")
     n, seq_len = data.shape
     if mode == "offline" and not isinstance(teacher, SparseTeacher):
