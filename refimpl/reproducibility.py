@@ -61,16 +61,16 @@ TOLERANCES: dict[str, Tolerance] = {
         0.05, "weights through a discrete choice: a quantization grid, a pruning mask, a search",
         "GPTQ 3-bit g64 571.39 (AVX2), 575.43 (AMX), 563.03 (AVX-512); GPTQ calibrated on one corpus "
         "124.02 -> 126.26 (AVX-512); magnitude, Wanda, SparseGPT and RTN within 0.4 %"),
+    "trained": Tolerance(
+        0.05, "a model trained for a few optimizer steps, carrying every difference through its updates",
+        "QAT 3-bit 85.62 -> 85.91 (AVX-512), 93.80 -> 94.03 (AMX); LoRA recovery of pruned models within "
+        "0.4 %; the distilled students within 1e-5"),
     "off-distribution": Tolerance(
         0.15, "a model quantized to 3 bits with one corpus's calibration statistics and scored on the "
         "other corpus: far from dense, where the grid choices that the calibration did not constrain "
         "amplify last-bit differences",
         "GPTQ 3-bit g64 calibrated on Shakespeare, scored on docstrings: 319.17 (AVX-512), 341.99 (no "
         "vector kernels, ATEN_CPU_CAPABILITY=default); the same model on its own corpus within 1 %"),
-    "trained": Tolerance(
-        0.05, "a model trained for a few optimizer steps, carrying every difference through its updates",
-        "QAT 3-bit 85.62 -> 85.91 (AVX-512), 93.80 -> 94.03 (AMX); LoRA recovery of pruned models within "
-        "0.4 %; the distilled students within 1e-5"),
     "activations": Tolerance(
         0.2, "activations rounded to a grid on every forward pass (W8A8, a quantized KV cache): a "
         "last-bit difference moves a rounding, and the change runs through the rest of the block",
