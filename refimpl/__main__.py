@@ -10,7 +10,7 @@ import importlib
 import sys
 
 COMMANDS = {"effects": ("refimpl.effects", "every method applied to one model and measured: one table"),
-            "bench": ("refimpl.bench", "GPU benchmarks of kernels and decoding against the bandwidth roofline")}
+            "bench": ("refimpl.bench.run", "GPU benchmarks of kernels and decoding against the bandwidth roofline")}
 
 
 def usage() -> str:

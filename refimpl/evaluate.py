@@ -20,7 +20,8 @@ Size
 Speed
     Prefill is one forward pass over a prompt; decode is the per-token loop that follows, one token
     per step with a KV cache. Both are timed after warm-up runs, repeated, and summarised by the
-    median. Timings are only comparable within one run on one machine.
+    median (:func:`refimpl.runtime.time_calls`, the timer the GPU benchmarks use too). Timings are
+    only comparable within one run on one machine.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import ctypes.util
 import gc
 import math
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from refimpl._validation import (as_device, check_non_negative_int, check_positive_int, check_token_ids,
                                  vocabulary_size)
-from refimpl.runtime import progress, synchronize
+from refimpl.runtime import progress, time_calls
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -241,24 +241,6 @@ class Timing:
         return self.tokens / self.median_s
 
 
-def _timed(run: Callable[[Any], Any], device: torch.device, repeats: int, warmup: int, desc: str,
-           prepare: Callable[[], Any] = lambda: None) -> list[float]:
-    """Seconds of ``run(prepare())`` per repeat, after ``warmup`` untimed runs; ``prepare`` is not timed."""
-    check_positive_int("repeats", repeats)
-    check_non_negative_int("warmup", warmup)
-    for _ in range(warmup):
-        run(prepare())
-    times = []
-    for _ in progress(range(repeats), desc=desc, total=repeats):
-        state = prepare()
-        synchronize(device)
-        start = time.perf_counter()
-        run(state)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
 @torch.inference_mode()
 def prefill_latency(model: torch.nn.Module, input_ids: torch.Tensor, repeats: int = 5, warmup: int = 1) -> Timing:
     """Time one forward pass over the prompt ``input_ids`` (``[batch, prompt_len]``), cache included."""
@@ -266,7 +248,7 @@ def prefill_latency(model: torch.nn.Module, input_ids: torch.Tensor, repeats: in
     device = model_device(model)
     ids = input_ids.to(device)
     with eval_mode(model):
-        times = _timed(lambda _: model(ids, use_cache=True), device, repeats, warmup, "prefill")
+        times = time_calls(lambda _: model(ids, use_cache=True), device, repeats, warmup, desc="prefill")
     return Timing(times, tokens=ids.numel())
 
 
@@ -295,7 +277,7 @@ def decode_latency(
             token, cache = out.logits[:, -1:].argmax(-1), out.past_key_values
 
     with eval_mode(model):
-        times = _timed(decode, device, repeats, warmup, "decode", prepare=prefill)
+        times = time_calls(decode, device, repeats, warmup, prepare=prefill, desc="decode")
     return Timing(times, tokens=n_tokens * ids.shape[0])
 
 
@@ -390,7 +372,7 @@ def matmul_flops(size: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.
     device = as_device("device", device)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    times = _timed(lambda _: a @ b, device, repeats, warmup=1, desc="matmul")
+    times = time_calls(lambda _: a @ b, device, repeats, warmup=1, desc="matmul")
     return 2 * size**3 / statistics.median(times)
 
 
@@ -400,5 +382,5 @@ def memory_bandwidth(size_mib: int = 256, repeats: int = 5, device: str | torch.
     check_positive_int("size_mib", size_mib)
     device = as_device("device", device)
     x = torch.ones(size_mib * 2**20 // 4, dtype=torch.float32, device=device)
-    times = _timed(lambda _: x.sum(), device, repeats, warmup=1, desc="bandwidth")
+    times = time_calls(lambda _: x.sum(), device, repeats, warmup=1, desc="bandwidth")
     return x.numel() * x.element_size() / statistics.median(times)

@@ -1,4 +1,4 @@
-"""Run-time settings shared by every chapter: determinism, devices and progress bars.
+"""Run-time settings shared by every chapter: determinism, devices, timing and progress bars.
 
 Every notebook starts with :func:`setup`, which fixes the random seeds and the number of CPU threads
 (floating-point sums depend on how work is split between threads, so a fixed thread count makes a
@@ -7,6 +7,9 @@ text (rates, elapsed times) would differ between runs and fail the notebook vali
 machine still adds in another order (its vector units, its BLAS); what the stored figures hold
 across machines is the rule of :mod:`refimpl.reproducibility`. Scripts and tests keep progress bars
 on unless the environment variable ``REFIMPL_PROGRESS`` is ``0``.
+
+:func:`time_calls` is the one timer of the package: the speed measurements of
+:mod:`refimpl.evaluate` and the GPU benchmarks of :mod:`refimpl.bench` both use it.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import logging
 import os
 import platform
 import random
+import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
+
+from refimpl._validation import check_non_negative_int, check_positive_int
 
 T = TypeVar("T")
 
@@ -112,6 +118,48 @@ def synchronize(device: torch.device) -> None:
     them before it reads the clock."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def time_calls(run: Callable[[Any], Any], device: torch.device, repeats: int, warmup: int,
+               prepare: Callable[[], Any] = lambda: None, desc: str | None = None, min_repeat_s: float = 0.0,
+               max_inner: int = 1) -> list[float]:
+    """Seconds per call of ``run(prepare())`` in each of ``repeats`` timed repeats.
+
+    ``warmup`` untimed calls come first. Each repeat calls ``prepare()`` untimed, then times ``run`` on
+    its result between two :func:`synchronize` calls, with ``time.perf_counter``. With
+    ``min_repeat_s > 0`` one more timed call estimates the cost, and every repeat then calls ``run``
+    (on the same prepared state) often enough to last about ``min_repeat_s``, at most ``max_inner``
+    times, and counts the mean per call: a fast kernel outlasts the timer's resolution that way.
+    ``desc`` names a progress bar over the repeats (none when ``None``).
+    """
+    if not callable(run) or not callable(prepare):
+        raise TypeError("run and prepare must be callable")
+    check_positive_int("repeats", repeats)
+    check_non_negative_int("warmup", warmup)
+    check_positive_int("max_inner", max_inner)
+    if not isinstance(min_repeat_s, (int, float)) or isinstance(min_repeat_s, bool) or not min_repeat_s >= 0:
+        raise ValueError(f"min_repeat_s must be a number >= 0, got {min_repeat_s!r}")
+    for _ in range(warmup):
+        run(prepare())
+    inner = 1
+    if min_repeat_s > 0:
+        state = prepare()
+        synchronize(device)
+        start = time.perf_counter()
+        run(state)
+        synchronize(device)
+        estimate = time.perf_counter() - start
+        inner = max(1, min(max_inner, int(min_repeat_s / max(estimate, 1e-9))))
+    times = []
+    for _ in range(repeats) if desc is None else progress(range(repeats), desc=desc, total=repeats):
+        state = prepare()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(inner):
+            run(state)
+        synchronize(device)
+        times.append((time.perf_counter() - start) / inner)
+    return times
 
 
 def progress_enabled() -> bool:

@@ -1,16 +1,21 @@
-"""refimpl.bench: the GPU benchmark script, run in --quick mode on the CPU (its CUDA-only sections
-must record why they were skipped), and its static decode step checked against the decoder."""
+"""refimpl.bench: the GPU benchmarks, run in --quick mode on the CPU (its CUDA-only sections must
+record why they were skipped), both command lines, and the helpers of its sections: the 2:4 weight,
+int4 groups, the timer, and which errors mean an unavailable kernel. (The static decode step it times
+is tested in tests/test_decoding_static.py.)"""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from refimpl import bench
-from refimpl.attention.decoder import Decoder
+from refimpl import __main__ as cli
+from refimpl.bench import common, run, sparse_2_4, weight_only
+from refimpl.pruning.masks import nm_mask
 
 
 def _check_numbers(value, where: str) -> None:
@@ -32,7 +37,7 @@ def _check_numbers(value, where: str) -> None:
 @pytest.fixture(scope="module")
 def quick_cpu_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "results.json"
-    returned = bench.main(["--quick", "--device", "cpu", "--out", str(out)])
+    returned = run.main(["--quick", "--device", "cpu", "--out", str(out)])
     return returned, json.loads(out.read_text())
 
 
@@ -44,7 +49,7 @@ def test_quick_cpu_run_writes_every_section(quick_cpu_results):
     assert results["quick"] is True and results["complete"] is True
     assert results["torch"] == torch.__version__
     assert results["command"][1:] == ["--quick", "--device", "cpu", "--out", results["command"][-1]]
-    for section in bench.SECTIONS:
+    for section in run.SECTIONS:
         assert isinstance(results[section], dict), section
         _check_numbers(results[section], section)
     # What a CPU can and cannot run.
@@ -70,7 +75,7 @@ def test_decoders_agree_on_cpu(quick_cpu_results):
 
 
 def test_quick_model_has_smollm2_shapes():
-    model = bench.build_model(torch.device("cpu"), quick=True)
+    model = common.build_model(torch.device("cpu"), quick=True)
     config = model.config
     assert (config.hidden_size, config.intermediate_size, config.num_attention_heads,
             config.num_key_value_heads) == (576, 1536, 9, 3)
@@ -81,9 +86,9 @@ def test_quick_model_has_smollm2_shapes():
 @pytest.mark.parametrize("device", ["tpu", "cuda:x", "gpu0"])
 def test_unknown_device_is_rejected(device, tmp_path, capsys):
     with pytest.raises(ValueError, match=device):
-        bench.run_benchmarks(tmp_path / "out.json", device=device, quick=True)
+        run.run_benchmarks(tmp_path / "out.json", device=device, quick=True)
     with pytest.raises(SystemExit):
-        bench.main(["--device", device, "--out", str(tmp_path / "out.json")])
+        run.main(["--device", device, "--out", str(tmp_path / "out.json")])
     assert device in capsys.readouterr().err
     assert not (tmp_path / "out.json").exists()
 
@@ -91,71 +96,77 @@ def test_unknown_device_is_rejected(device, tmp_path, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_without_gpu_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="CUDA is not available"):
-        bench.run_benchmarks(tmp_path / "out.json", device="cuda", quick=True)
-
-
-def _greedy_both(step, tiny_llama, prompt_len=5, n_new=6):
-    decoder = Decoder.from_hf(tiny_llama)
-    cache = decoder.new_cache(batch_size=1, max_len=prompt_len + n_new)
-    prompt = torch.randint(0, 128, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        reference = bench.greedy_decoder(decoder, cache, prompt, n_new)
-        static = step(decoder, cache)
-        tokens = bench.greedy_static(static, decoder, cache, prompt, n_new)
-    return reference, tokens
-
-
-def test_static_step_matches_decoder(tiny_llama):
-    reference, tokens = _greedy_both(bench.StaticDecodeStep, tiny_llama)
-    assert torch.equal(tokens, reference)
-
-
-def test_static_step_traces_as_one_graph(tiny_llama):
-    """What the CUDA run compiles: the static step must trace without a graph break (fullgraph)."""
-    torch._dynamo.reset()
-    reference, tokens = _greedy_both(
-        lambda d, c: torch.compile(bench.StaticDecodeStep(d, c), backend="eager", fullgraph=True), tiny_llama)
-    assert torch.equal(tokens, reference)
-
-
-def test_static_step_logits_equal_decoder_logits(tiny_llama):
-    decoder = Decoder.from_hf(tiny_llama)
-    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        cache = decoder.new_cache(batch_size=1, max_len=10)
-        decoder(ids[:, :6], cache)
-        expected = decoder(ids[:, 6:], cache, logits_to_keep=1).argmax(-1)
-        cache.truncate(0)
-        decoder(ids[:, :6], cache)
-        token = bench.StaticDecodeStep(decoder, cache)(ids[:, 6:], torch.tensor([6]))
-    assert torch.equal(token, expected)
-
-
-def test_prune_2_4_keeps_two_largest_of_four():
-    weight = torch.tensor([[1.0, -4.0, 3.0, 0.5, 0.1, 0.2, -0.3, 0.4]])
-    assert torch.equal(bench.prune_2_4(weight), torch.tensor([[0.0, -4.0, 3.0, 0.0, 0.0, 0.0, -0.3, 0.4]]))
+        run.run_benchmarks(tmp_path / "out.json", device="cuda", quick=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip on a machine without CUDA")
-@pytest.mark.parametrize("backend", list(bench.SPARSE_BACKENDS))
+@pytest.mark.parametrize("backend", list(sparse_2_4.SPARSE_BACKENDS))
 def test_sparse_backend_unavailable_is_a_reason_and_the_flag_is_restored(backend):
     from torch.sparse import SparseSemiStructuredTensor
 
     before = SparseSemiStructuredTensor._FORCE_CUTLASS
-    matrix, reason = bench._to_sparse(bench.prune_2_4(torch.randn(64, 64)).half(), backend)
+    weight = torch.randn(64, 64)
+    matrix, reason = sparse_2_4.to_sparse((weight * nm_mask(weight.abs(), (2, 4))).half(), backend)
     assert matrix is None and "RuntimeError" in reason
     assert SparseSemiStructuredTensor._FORCE_CUTLASS == before
 
 
 def test_int4_groups_round_trip():
     weight = torch.randn(16, 128, generator=torch.Generator().manual_seed(0))
-    codes, scales, zeros = bench.quantize_int4_groups(weight, group_size=32)
+    codes, scales, zeros = weight_only.quantize_int4_groups(weight, group_size=32)
     assert codes.dtype == torch.int32 and codes.min() >= 0 and codes.max() <= 15
-    dequantized = bench.dequantize_int4_groups(codes, scales, zeros, group_size=32)
+    dequantized = weight_only.dequantize_int4_groups(codes, scales, zeros, group_size=32)
     # Rounding to the nearest of 16 levels: at most half a step off.
     step = scales.repeat_interleave(32, dim=1)
     assert ((dequantized - weight).abs() <= step / 2 + 1e-6).all()
 
 
 def test_median_time_is_positive():
-    assert bench.median_time(lambda: torch.ones(10).sum(), torch.device("cpu"), repeats=3, warmup=1) > 0
+    assert common.median_time(lambda: torch.ones(10).sum(), torch.device("cpu"), repeats=3, warmup=1) > 0
+
+
+def test_median_time_rejects_non_callables():
+    with pytest.raises(TypeError, match="fn"):
+        common.median_time("not a function", torch.device("cpu"))
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+@pytest.mark.parametrize("exc", [
+    NotImplementedError("aten::_weight_int4pack_mm is not implemented for the CPU backend"),
+    RuntimeError("sparse_semi_structured_mad_op : Supported only on GPUs with compute capability 8.x"),
+    RuntimeError("No available kernel. Aborting execution."),
+    torch._inductor.exc.InvalidCxxCompiler(),
+    torch._inductor.exc.CppCompileError(["g++"], "fatal error: Python.h: No such file or directory"),
+], ids=["not-implemented", "capability", "sdpa-backend", "no-compiler", "compile-error"])
+def test_a_missing_kernel_or_compiler_is_a_reason(exc):
+    reason = common.unavailable_reason(exc)
+    assert reason.startswith(f"{type(exc).__name__}: ") and len(reason) <= len(type(exc).__name__) + 2 + 300
+    assert common.attempt(lambda: _raise(exc)) == (None, reason)
+
+
+@pytest.mark.parametrize("exc", [
+    RuntimeError("The size of tensor a (4) must match the size of tensor b (5) at non-singleton dimension 1"),
+    ValueError("weight requires a 2-D tensor"),  # not a RuntimeError: a bug of the benchmark
+    torch.OutOfMemoryError("CUDA out of memory. The kernel requires 2.00 GiB"),
+    torch._dynamo.exc.Unsupported("not supported: a data-dependent branch"),  # a graph break
+], ids=["shape-bug", "value-error", "out-of-memory", "graph-break"])
+def test_other_errors_are_not_hidden(exc):
+    assert common.unavailable_reason(exc) is None
+    with pytest.raises(type(exc)):
+        common.attempt(lambda: _raise(exc))
+
+
+def test_attempt_returns_the_result():
+    assert common.attempt(lambda: 42) == (42, None)
+
+
+def test_both_command_lines_reach_the_benchmark(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--help"])
+    assert exit_info.value.code == 0 and "--quick" in capsys.readouterr().out
+    module = subprocess.run([sys.executable, "-m", "refimpl.bench", "--help"], capture_output=True, text=True,
+                            check=True)
+    assert "--quick" in module.stdout

@@ -1,4 +1,5 @@
-"""The CUDA code paths of refimpl.models and refimpl.evaluate, on a tiny random model.
+"""The CUDA code paths of refimpl.models, refimpl.evaluate and its timer (refimpl.runtime.time_calls,
+which the GPU benchmarks of refimpl.bench use too), on a tiny random model.
 
 Skipped where no CUDA device exists (as in CI); run on a GPU machine with
 ``python -m pytest tests/test_cuda.py``.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refimpl import evaluate
+from refimpl import evaluate, runtime
 from refimpl.models import load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -56,3 +57,11 @@ def test_peak_memory_on_cuda():
 def test_bandwidth_and_flops_on_cuda():
     assert evaluate.memory_bandwidth(size_mib=512, repeats=3, device="cuda") > 2e11  # > 200 GB/s
     assert evaluate.matmul_flops(size=4096, repeats=3, dtype=torch.bfloat16, device="cuda") > 1e13
+
+
+def test_timer_waits_for_the_kernels():
+    """Kernels run asynchronously: without the device synchronization, each call would time its launch
+    only (microseconds) instead of reading 1 GiB, which takes over 50 us even at 20 TB/s."""
+    x = torch.ones(2**28, device="cuda")  # 1 GiB of float32
+    times = runtime.time_calls(lambda _: x.sum(), x.device, repeats=3, warmup=1, min_repeat_s=0.01, max_inner=100)
+    assert min(times) > x.numel() * x.element_size() / 20e12

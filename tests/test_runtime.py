@@ -63,3 +63,27 @@ def test_progress_bar_counts_what_it_is_told(monkeypatch, capsys):
     with runtime.progress_bar(5, desc="silent") as bar:
         bar.update(5)
     assert capsys.readouterr().err == ""
+
+
+def test_time_calls_warms_up_then_times_each_prepared_state():
+    states, runs = iter(range(100)), []
+    times = runtime.time_calls(runs.append, torch.device("cpu"), repeats=3, warmup=2, prepare=lambda: next(states))
+    assert len(times) == 3 and all(t >= 0 for t in times)
+    assert runs == [0, 1, 2, 3, 4]  # two warm-up calls, then one timed call per repeat, each on its own state
+
+
+def test_time_calls_repeats_a_fast_call_to_last_min_repeat_s():
+    runs = []
+    times = runtime.time_calls(runs.append, torch.device("cpu"), repeats=2, warmup=0, min_repeat_s=0.5, max_inner=7)
+    # One timed estimate, then max_inner calls per repeat: appending to a list takes far less than 0.5 s / 7.
+    assert len(runs) == 1 + 2 * 7 and len(times) == 2
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(repeats=0), ValueError, "repeats"), (dict(warmup=-1), ValueError, "warmup"),
+    (dict(max_inner=0), ValueError, "max_inner"), (dict(min_repeat_s=-1.0), ValueError, "min_repeat_s"),
+    (dict(prepare=None), TypeError, "prepare"),
+])
+def test_time_calls_checks_its_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        runtime.time_calls(lambda _: None, torch.device("cpu"), **{"repeats": 1, "warmup": 0, **kwargs})

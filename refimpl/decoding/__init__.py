@@ -2,6 +2,8 @@
 
 - :mod:`refimpl.decoding.generate`: the generation loop with a KV cache — greedy, temperature,
   top-k and top-p sampling, stop tokens, seeded.
+- :mod:`refimpl.decoding.static`: gpt-fast's fixed-shape greedy step over a static KV cache (attention
+  over every slot under a mask), which ``torch.compile`` can replay as one CUDA graph.
 - :mod:`refimpl.decoding.speculative`: speculative decoding (draft proposes, target verifies in one
   pass, rejection sampling keeps the target's distribution), its acceptance arithmetic, and drafts:
   any smaller model, the target's own first layers (self-speculative), a quantized copy, or n-gram
