@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,20 @@ def check_non_negative_int(param: str, value: Any) -> None:
     """Raise ``ValueError`` unless ``value`` is an int >= 0 (bools are not ints here)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{param} must be a non-negative int, got {value!r}")
+
+
+def check_positive_number(param: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite int or float > 0 (a temperature, a scale)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not value > 0:
+        raise ValueError(f"{param} must be a positive finite number, got {value!r}")
+
+
+def check_fraction(param: str, value: Any, open_interval: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is a number in [0, 1] (in (0, 1) with ``open_interval``)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or not (0 < value < 1 if open_interval else 0 <= value <= 1):
+        interval = "the open interval (0, 1)" if open_interval else "[0, 1]"
+        raise ValueError(f"{param} must be a number in {interval}, got {value!r}")
 
 
 def check_choice(param: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -399,19 +399,19 @@ def student_name(model_name: str) -> str:
 
 def _student(model: nn.Module, ctx: Context) -> nn.Module:
     """Chapter 06's distilled student: from the cache, or trained now when the run allows training."""
-    from refimpl.distillation import train as distillation
+    from refimpl.distillation import cache
 
     n_layers = max(1, round(model.config.num_hidden_layers * 16 / 30))  # SmolLM2: 16 of 30
-    recipe, blocks = ctx.calibrate(lambda: distillation.influence_student_recipe(
+    recipe, blocks = ctx.calibrate(lambda: cache.influence_student_recipe(
         model, ctx.tokenizer, ctx.model_name, n_layers=n_layers))
     name = student_name(ctx.model_name)
-    folder = distillation.student_folder(recipe, blocks, name)
+    folder = cache.student_folder(recipe, blocks, name)
     cached = (folder / "student.json").is_file()
     if not cached and not ctx.train:
         raise RowSkipped(f"needs training (8 distillation steps; chapter 06 measured about 35 s on a 2-core CPU): "
                          f"the student is not in the cache ({folder}); run chapter 06 or pass --train")
     tokenizer = ctx.tokenizer if hasattr(ctx.tokenizer, "save_pretrained") else None  # saved beside it, if it can be
-    student, record = distillation.cached_student(recipe, model, blocks, name=name, tokenizer=tokenizer)
+    student, record = cache.cached_student(recipe, model, blocks, name=name, tokenizer=tokenizer)
     ctx.apply_s_override = float(record["seconds"])
     ctx.notes.append(f"{n_layers} of {model.config.num_hidden_layers} layers; "
                      + ("loaded from the cache, apply_s is its recorded training time" if cached else "trained now"))
@@ -627,8 +627,8 @@ ROWS: tuple[Row, ...] = (
         "with forward KL, 8 steps × 2×128 tokens, AdamW lr 5e-4 (chapter 06's cached student)", _student, "06",
         "float32, fewer layers", _SMALLER, calibration=_IMPORTANCE,
         training="8 steps × 2×128 calibration tokens, the teacher run on every batch",
-        modules=("refimpl.distillation.train", "refimpl.distillation.losses", "refimpl.distillation.student",
-                 "refimpl.pruning.structured", "refimpl.training")),
+        modules=("refimpl.distillation.cache", "refimpl.distillation.train", "refimpl.distillation.losses",
+                 "refimpl.distillation.student", "refimpl.pruning.structured", "refimpl.training")),
     # Architecture: chapter 07.
     Row("mqa", ("mqa",), "architecture",
         "key-value heads mean-pooled to one (GQA -> MQA), then the k/v projections uptrained "
@@ -654,9 +654,10 @@ ROWS: tuple[Row, ...] = (
         "kd-student, then gptq-w4g64 calibrated on the student", _student_gptq, "03, 06", _PACKED4, _INT4,
         calibration=_IMPORTANCE + "; then " + _PTQ_CALIBRATION.replace("float model", "student"),
         training="8 steps × 2×128 calibration tokens, the teacher run on every batch",
-        modules=_Q + _CALIBRATED + ("refimpl.distillation.train", "refimpl.distillation.losses",
-                                    "refimpl.distillation.student", "refimpl.pruning.structured", "refimpl.training",
-                                    "refimpl.quantization.gptq"), combination=True),
+        modules=_Q + _CALIBRATED + ("refimpl.distillation.cache", "refimpl.distillation.train",
+                                    "refimpl.distillation.losses", "refimpl.distillation.student",
+                                    "refimpl.pruning.structured", "refimpl.training", "refimpl.quantization.gptq"),
+        combination=True),
     Row("mqa+kv-int8", ("mqa", "kv-cache-quantization"), "architecture+quantization",
         "mqa with the kv-int8 cache", _mqa, "03, 07", "float32, one key-value head; keys and values "
         "fake-quantized in every attention call", "attention over a packed int8 cache", kv_bits=8,

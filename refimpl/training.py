@@ -72,7 +72,10 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * fraction)))
 
 
-def _check_config(config: TrainConfig) -> None:
+def check_config(config: TrainConfig) -> None:
+    """Raise ``TypeError`` unless ``config`` is a :class:`TrainConfig`, ``ValueError`` naming the field
+    unless its settings can train (what :func:`train` checks first; trainers built on it call it before
+    they run anything else)."""
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     check_positive_int("steps", config.steps)
@@ -108,7 +111,7 @@ def train(model: torch.nn.Module, batches: Sequence[Any], loss_fn: Callable[[tor
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_config(config)
+    check_config(config)
     if not isinstance(batches, Sequence) or len(batches) == 0:
         raise ValueError("batches must be a non-empty sequence (a list of batches)")
     if not callable(loss_fn):

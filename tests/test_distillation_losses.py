@@ -35,6 +35,23 @@ def test_by_hand_on_two_tokens():
     assert losses.forward_kl(t, t).item() == pytest.approx(0.0, abs=1e-7)
 
 
+def test_token_level_divergences_per_position():
+    log_p, log_q = F.log_softmax(_logits(0), -1), F.log_softmax(_logits(1), -1)  # [2, 5, 11]
+    kl = losses.token_kl(log_p, log_q)  # [2, 5]
+    torch.testing.assert_close(kl, F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1))
+    beta = 0.3
+    m = beta * log_p.exp() + (1 - beta) * log_q.exp()
+    jsd = beta * (log_p.exp() * (log_p - m.log())).sum(-1) + (1 - beta) * (log_q.exp() * (log_q - m.log())).sum(-1)
+    torch.testing.assert_close(losses.token_jsd(log_p, log_q, beta), jsd)
+    with pytest.raises(ValueError, match="log_p and log_q must be floating-point tensors of one shape"):
+        losses.token_kl(log_p, log_q[..., :5])
+    with pytest.raises(ValueError, match="log_p and log_q must be floating-point tensors of one shape"):
+        losses.token_jsd(log_p, log_q.argmax(-1), beta)
+    for bad in (0.0, 1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="beta must be a number in the open interval"):
+            losses.token_jsd(log_p, log_q, bad)
+
+
 @pytest.mark.parametrize("kl", [losses.forward_kl, losses.reverse_kl])
 def test_temperature_and_mask(kl):
     s, t = _logits(2), _logits(3)

@@ -1,11 +1,9 @@
-"""refimpl.distillation.train: every mode lowers its loss and is deterministic, offline top-k equals
+"""refimpl.distillation.train: every trainer lowers its loss and is deterministic, offline top-k equals
 online distillation when k is the vocabulary, sequence-level KD trains on the teacher's greedy text,
-on-policy distillation counts only the generated tokens, saved students reload without training, and
-bad arguments get errors that name them."""
+on-policy distillation counts only the generated tokens, and bad arguments get errors that name them
+before the student changes."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ import torch
 from tiny import make_tiny_llama
 from refimpl.distillation import losses
 from refimpl.distillation import train as kd
-from refimpl.distillation.student import StudentSpec, layer_subset_student
+from refimpl.distillation.student import layer_subset_student
 from refimpl.training import TrainConfig
 
 VOCAB = 128
@@ -33,11 +31,11 @@ def _student(teacher):
     return layer_subset_student(teacher, n_layers=2)
 
 
-MODES = {  # mode -> (data shape, distill's mode-specific arguments)
-    "online": ((4, 16), {}),
-    "offline": ((4, 16), {"top_k": 8}),
-    "sequence": ((4, 6), {"max_new_tokens": 10}),
-    "on_policy": ((4, 10), {"prompt_len": 6}),
+TRAINERS = {  # trainer -> (data shape, its own required arguments)
+    kd.distill_online: ((4, 16), {}),
+    kd.distill_offline_topk: ((4, 16), {"top_k": 8}),
+    kd.distill_sequence_level: ((4, 6), {"max_new_tokens": 10}),
+    kd.distill_on_policy: ((4, 10), {"prompt_len": 6}),
 }
 
 
@@ -49,19 +47,19 @@ def _on_policy_jsd(student, teacher, prompts, new_tokens):
                                         kd.next_token_labels(sequences, generated), "jsd").item()
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_each_mode_lowers_its_loss_and_is_deterministic(teacher, mode):
-    shape, options = MODES[mode]
+@pytest.mark.parametrize("trainer", list(TRAINERS), ids=lambda trainer: trainer.__name__)
+def test_each_trainer_lowers_its_loss_and_is_deterministic(teacher, trainer):
+    shape, options = TRAINERS[trainer]
     data = _tokens(shape)
     config = TrainConfig(steps=8, lr=3e-3, seed=1)
     students = [_student(teacher), _student(teacher)]
-    before = _on_policy_jsd(students[0], teacher, data[:, :6], 4) if mode == "on_policy" else None
-    runs = [kd.distill(student, teacher, data, mode, config=config, batch_size=4, **options).losses
-            for student in students]
+    on_policy = trainer is kd.distill_on_policy
+    before = _on_policy_jsd(students[0], teacher, data[:, :6], 4) if on_policy else None
+    runs = [trainer(student, teacher, data, config, batch_size=4, **options).losses for student in students]
     assert runs[0] == runs[1]  # same seed, same losses, bit for bit
     losses_ = runs[0]
     assert len(losses_) == 8 and all(torch.isfinite(torch.tensor(losses_)))
-    if mode == "on_policy":  # fresh samples at every step: measure on fixed-seed samples before and after
+    if on_policy:  # fresh samples at every step: measure on fixed-seed samples before and after
         assert _on_policy_jsd(students[0], teacher, data[:, :6], 4) < 0.8 * before
     else:  # one batch, seen at every step
         assert losses_[-1] < 0.5 * losses_[0]
@@ -71,7 +69,7 @@ def test_training_changes_the_student_only(teacher):
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = _student(teacher)
     teacher.train()
-    kd.distill(student, teacher, _tokens((2, 8)), config=TrainConfig(steps=2, lr=1e-2))
+    kd.distill_online(student, teacher, _tokens((2, 8)), TrainConfig(steps=2, lr=1e-2))
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
     assert teacher.training and not student.training  # modes restored
     assert not torch.equal(student.lm_head.weight, teacher.lm_head.weight)
@@ -87,8 +85,8 @@ def test_online_alpha_mixes_in_cross_entropy_on_the_data(teacher, monkeypatch):
 
     monkeypatch.setattr(losses, "distillation_loss", spy)
     data = _tokens((2, 8))
-    kd.distill(_student(teacher), teacher, data, "online", "reverse_kl", config=TrainConfig(steps=1), alpha=0.25,
-               temperature=2.0, beta=0.3)
+    kd.distill_online(_student(teacher), teacher, data, TrainConfig(steps=1), loss="reverse_kl", alpha=0.25,
+                      temperature=2.0, beta=0.3)
     labels, kind, alpha, temperature, beta = seen[0]
     assert torch.equal(labels[:, :-1], data[:, 1:]) and (labels[:, -1] == -100).all()  # next tokens
     assert (kind, alpha, temperature, beta) == ("reverse_kl", 0.25, 2.0, 0.3)
@@ -98,10 +96,10 @@ def test_offline_top_k_of_the_whole_vocabulary_is_online_distillation(teacher):
     data = _tokens((4, 12), seed=2)
     config = TrainConfig(steps=4, lr=3e-3)
     for kind in losses.KINDS:
-        online = kd.distill(_student(teacher), teacher, data, "online", kind, config=config, temperature=2.0,
-                            batch_size=2).losses
-        offline = kd.distill(_student(teacher), teacher, data, "offline", kind, config=config, temperature=2.0,
-                             top_k=VOCAB, batch_size=2).losses
+        online = kd.distill_online(_student(teacher), teacher, data, config, loss=kind, temperature=2.0,
+                                   batch_size=2).losses
+        offline = kd.distill_offline_topk(_student(teacher), teacher, data, config, top_k=VOCAB, loss=kind,
+                                          temperature=2.0, batch_size=2).losses
         torch.testing.assert_close(torch.tensor(offline), torch.tensor(online), rtol=1e-2, atol=1e-4)
 
 
@@ -119,8 +117,8 @@ def test_teacher_topk_stores_what_it_measures(teacher):
     torch.testing.assert_close(targets.rest_log_prob, rest, rtol=1e-4, atol=1e-5)
     # a precomputed SparseTeacher trains without the teacher model
     config = TrainConfig(steps=3, lr=3e-3)
-    given = kd.distill(_student(teacher), targets, data, "offline", config=config).losses
-    computed = kd.distill(_student(teacher), teacher, data, "offline", config=config, top_k=5).losses
+    given = kd.distill_offline_topk(_student(teacher), targets, data, config).losses
+    computed = kd.distill_offline_topk(_student(teacher), teacher, data, config, top_k=5).losses
     assert given == pytest.approx(computed, rel=1e-5)  # the teacher ran in other batch sizes: rounding only
 
 
@@ -155,7 +153,7 @@ def test_sequence_level_kd_trains_on_the_teachers_greedy_text_only(teacher, monk
         return real(student, batches, loss_fn, config, desc)
 
     monkeypatch.setattr(kd, "train", spy)
-    kd.distill(_student(teacher), teacher, prompts, "sequence", config=TrainConfig(steps=1), max_new_tokens=7)
+    kd.distill_sequence_level(_student(teacher), teacher, prompts, TrainConfig(steps=1), max_new_tokens=7)
     tokens, labels = captured[0]
     assert torch.equal(tokens, sequences)
     assert torch.equal(labels, kd.next_token_labels(sequences, generated))
@@ -175,8 +173,8 @@ def test_on_policy_counts_only_the_students_generated_tokens(teacher, monkeypatc
 
     monkeypatch.setattr(losses, "distillation_loss", spy)
     teacher.generation_config.eos_token_id = None  # every sampled token counts
-    kd.distill(_student(teacher), teacher, data, "on_policy", config=TrainConfig(steps=3, lr=1e-3),
-               prompt_len=prompt_len, batch_size=2)
+    kd.distill_on_policy(_student(teacher), teacher, data, TrainConfig(steps=3, lr=1e-3), prompt_len=prompt_len,
+                         batch_size=2)
     for labels, kind, alpha in seen:
         assert (kind, alpha) == ("jsd", 1.0)
         counted = labels != -100
@@ -184,8 +182,8 @@ def test_on_policy_counts_only_the_students_generated_tokens(teacher, monkeypatc
         assert not torch.equal(labels[:, prompt_len - 1:-1], data[:, prompt_len:])  # the student's samples
 
     seen.clear()  # λ = 0: the dataset's continuations
-    kd.distill(_student(teacher), teacher, data, "on_policy", config=TrainConfig(steps=1), prompt_len=prompt_len,
-               student_fraction=0.0, batch_size=2)
+    kd.distill_on_policy(_student(teacher), teacher, data, TrainConfig(steps=1), prompt_len=prompt_len,
+                         student_fraction=0.0, batch_size=2)
     assert torch.equal(seen[0][0][:, prompt_len - 1:-1], data[:, prompt_len:])
     assert (seen[0][0][:, :prompt_len - 1] == -100).all()
 
@@ -201,123 +199,85 @@ def test_on_policy_mixes_student_and_dataset_batches_by_lambda(teacher, monkeypa
     monkeypatch.setattr(kd, "generate_continuations", spy)
     data = _tokens((2, 10), seed=8)
     config = TrainConfig(steps=20, lr=1e-4, seed=3)
-    first = kd.distill(_student(teacher), teacher, data, "on_policy", config=config, prompt_len=4,
-                       student_fraction=0.5).losses
+    first = kd.distill_on_policy(_student(teacher), teacher, data, config, prompt_len=4,
+                                 student_fraction=0.5).losses
     n_sampled = len(calls)
     assert 3 <= n_sampled <= 17 and len(set(calls)) == n_sampled  # about half, each with its own seed
-    assert kd.distill(_student(teacher), teacher, data, "on_policy", config=config, prompt_len=4,
-                      student_fraction=0.5).losses == first
+    assert kd.distill_on_policy(_student(teacher), teacher, data, config, prompt_len=4,
+                                student_fraction=0.5).losses == first
     assert calls[:n_sampled] == calls[n_sampled:]
 
 
-def test_cached_student_saves_reloads_without_training_and_rehashes(tiny_model_folder, tmp_path, monkeypatch):
-    monkeypatch.setenv("REFIMPL_CACHE", str(tmp_path / "cache"))
-    _, teacher, tokenizer = tiny_model_folder
-    data = _tokens((4, 12), seed=9)
-    recipe = kd.StudentRecipe(StudentSpec("tiny", (0, 1)), TrainConfig(steps=3, lr=1e-3), "random tokens 4x12",
-                              mode="online", loss="reverse_kl", options={"temperature": 2.0})
-    student, record = kd.cached_student(recipe, teacher, data, name="draft", tokenizer=tokenizer)
-    folder = tmp_path / "cache" / "students" / f"draft-{record['digest']}"
-    assert record["folder"] == str(folder) and (folder / "config.json").is_file()
-    saved = json.loads((folder / "student.json").read_text())
-    assert saved["recipe"]["keep"] == [0, 1] and saved["recipe"]["loss"] == "reverse_kl" and len(saved["losses"]) == 3
-    assert saved["recipe"]["refimpl_version"] and saved["recipe"]["train_config"]["lr"] == 1e-3
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("a saved student must load, not train")
-
-    monkeypatch.setattr(kd, "distill", no_training)
-    loaded, loaded_record = kd.cached_student(recipe, teacher, data, name="draft")
-    assert loaded_record == {**saved, "folder": str(folder)} == record and not loaded.training
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), student.state_dict().values()))
-    from refimpl.models import load_model
-
-    assert load_model(folder)[0].config.num_hidden_layers == 2  # a complete Hugging Face folder
-    monkeypatch.undo()
-    monkeypatch.setenv("REFIMPL_CACHE", str(tmp_path / "cache"))
-
-    changed = [kd.StudentRecipe(recipe.spec, TrainConfig(steps=3, lr=2e-3), recipe.data, recipe.mode, recipe.loss,
-                                recipe.options),
-               kd.StudentRecipe(StudentSpec("tiny", (1,)), recipe.config, recipe.data, recipe.mode, recipe.loss,
-                                recipe.options),
-               kd.StudentRecipe(recipe.spec, recipe.config, recipe.data, "online", "jsd", recipe.options)]
-    digests = {kd.student_digest(r, data) for r in changed} | {kd.student_digest(recipe, data)}
-    digests.add(kd.student_digest(recipe, _tokens((4, 12), seed=10)))  # other training tokens
-    assert len(digests) == 5
-    # a missing student is re-created with the same weights
-    import shutil
-
-    shutil.rmtree(folder)
-    again, _ = kd.cached_student(recipe, teacher, data, name="draft")
-    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), student.state_dict().values()))
+ONLINE, OFFLINE = kd.distill_online, kd.distill_offline_topk
+SEQUENCE, ON_POLICY = kd.distill_sequence_level, kd.distill_on_policy
+REQUIRED = {ONLINE: {}, OFFLINE: {"top_k": 4}, SEQUENCE: {"max_new_tokens": 2}, ON_POLICY: {"prompt_len": 2}}
 
 
-def test_recipe_validation():
-    spec = StudentSpec("tiny", (0,))
-    with pytest.raises(ValueError, match="mode must be one of"):
-        kd.StudentRecipe(spec, TrainConfig(steps=1), "d", mode="white_box")
-    with pytest.raises(ValueError, match="options must be a mapping with keys among"):
-        kd.StudentRecipe(spec, TrainConfig(steps=1), "d", options={"lr": 1.0})
-    with pytest.raises(ValueError, match="options must hold JSON values"):
-        kd.StudentRecipe(spec, TrainConfig(steps=1), "d", options={"alpha": torch.tensor(0.5)})
-    with pytest.raises(ValueError, match="data must be a non-empty description"):
-        kd.StudentRecipe(spec, TrainConfig(steps=1), "")
-    with pytest.raises(TypeError, match="spec must be a StudentSpec"):
-        kd.StudentRecipe((0,), TrainConfig(steps=1), "d")
-
-
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(mode="white_box"), ValueError, "mode must be one of"),
-    (dict(loss="kl"), ValueError, "loss must be one of"),
-    (dict(mode="sequence", loss="forward_kl", max_new_tokens=2), ValueError, "loss must be None for mode 'sequence'"),
-    (dict(alpha=1.5), ValueError, "alpha must be a number in"),
-    (dict(mode="on_policy", prompt_len=2, alpha=0.5), ValueError, "alpha applies to modes 'online' and 'offline'"),
-    (dict(beta=1.0), ValueError, "beta must be a number in the open interval"),
-    (dict(temperature=0.0), ValueError, "temperature must be a positive"),
-    (dict(mode="offline"), ValueError, "mode 'offline' needs top_k"),
-    (dict(mode="offline", top_k=0), ValueError, "top_k must be a positive int"),
-    (dict(mode="offline", top_k=VOCAB + 1), ValueError, "top_k must be at most"),
-    (dict(top_k=4), ValueError, "top_k applies to mode offline only"),
-    (dict(mode="sequence"), ValueError, "mode 'sequence' needs max_new_tokens"),
-    (dict(mode="on_policy"), ValueError, "mode 'on_policy' needs prompt_len"),
-    (dict(mode="on_policy", prompt_len=8), ValueError, "needs prompt_len, an int in"),
-    (dict(mode="on_policy", prompt_len=2, student_fraction=1.2), ValueError, "student_fraction must be a number"),
-    (dict(mode="on_policy", prompt_len=2, sample_temperature=-1.0), ValueError, "temperature must be a positive"),
-    (dict(batch_size=0), ValueError, "batch_size must be a positive int"),
-    (dict(config=None), TypeError, "config must be a TrainConfig"),
-])
-def test_bad_arguments_are_named_and_leave_the_student_untouched(teacher, kwargs, error, message):
+@pytest.mark.parametrize("trainer, kwargs, error, message", [
+    (ONLINE, dict(loss="kl"), ValueError, "loss must be one of"),
+    (ONLINE, dict(alpha=1.5), ValueError, "alpha must be a number in"),
+    (ONLINE, dict(beta=1.0), ValueError, "beta must be a number in the open interval"),
+    (ONLINE, dict(temperature=0.0), ValueError, "temperature must be a positive"),
+    (ONLINE, dict(batch_size=0), ValueError, "batch_size must be a positive int"),
+    (ONLINE, dict(config=None), TypeError, "config must be a TrainConfig"),
+    (ONLINE, dict(config=TrainConfig(steps=2, warmup_steps=2)), ValueError, "warmup_steps"),
+    (OFFLINE, dict(top_k=None), ValueError, "top_k .* is needed when teacher is a model"),
+    (OFFLINE, dict(top_k=0), ValueError, "top_k must be a positive int"),
+    (OFFLINE, dict(top_k=VOCAB + 1), ValueError, "top_k must be at most"),
+    (OFFLINE, dict(alpha=-0.1), ValueError, "alpha must be a number in"),
+    (OFFLINE, dict(temperature=float("inf")), ValueError, "temperature must be a positive"),
+    (SEQUENCE, dict(max_new_tokens=0), ValueError, "max_new_tokens must be a positive int"),
+    (SEQUENCE, dict(batch_size=0), ValueError, "batch_size must be a positive int"),
+    (SEQUENCE, dict(loss="forward_kl"), TypeError, "unexpected keyword argument 'loss'"),  # cross-entropy only
+    (ON_POLICY, dict(prompt_len=8), ValueError, "prompt_len must be an int in"),
+    (ON_POLICY, dict(prompt_len=0), ValueError, "prompt_len must be an int in"),
+    (ON_POLICY, dict(student_fraction=1.2), ValueError, "student_fraction must be a number"),
+    (ON_POLICY, dict(sample_temperature=-1.0), ValueError, "sample_temperature must be a positive"),
+    (ON_POLICY, dict(loss="kl"), ValueError, "loss must be one of"),
+    (ON_POLICY, dict(beta=0.0), ValueError, "beta must be a number in the open interval"),
+    (ON_POLICY, dict(alpha=0.5), TypeError, "unexpected keyword argument 'alpha'"),  # GKD has no hard loss
+], ids=lambda value: value.__name__ if callable(value) else None)
+def test_bad_arguments_are_named_and_leave_the_student_untouched(teacher, trainer, kwargs, error, message):
     student = _student(teacher)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    kwargs = {"config": TrainConfig(steps=1), **kwargs}
+    kwargs = {"config": TrainConfig(steps=1), **REQUIRED[trainer], **kwargs}
     with pytest.raises(error, match=message):
-        kd.distill(student, teacher, _tokens((2, 8)), **kwargs)
+        trainer(student, teacher, _tokens((2, 8)), **kwargs)
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
 
 
-def test_bad_models_and_data(teacher):
-    student, config = _student(teacher), TrainConfig(steps=1)
-    with pytest.raises(TypeError, match="data must be a LongTensor"):
-        kd.distill(student, teacher, _tokens((2, 8)).int(), config=config)
-    with pytest.raises(ValueError, match=r"data must hold token ids in \[0, 128\)"):
-        kd.distill(student, teacher, _tokens((2, 8)) + VOCAB, config=config)
+@pytest.mark.parametrize("trainer", list(REQUIRED), ids=lambda trainer: trainer.__name__)
+def test_bad_models_and_data(teacher, trainer):
+    student, config, options = _student(teacher), TrainConfig(steps=1), REQUIRED[trainer]
+    param = "prompts" if trainer is SEQUENCE else "blocks"
+    with pytest.raises(TypeError, match=f"{param} must be a LongTensor"):
+        trainer(student, teacher, _tokens((2, 8)).int(), config, **options)
+    with pytest.raises(ValueError, match=rf"{param} must hold token ids in \[0, 128\)"):
+        trainer(student, teacher, _tokens((2, 8)) + VOCAB, config, **options)
     with pytest.raises(ValueError, match="student and teacher must be different"):
-        kd.distill(teacher, teacher, _tokens((2, 8)), config=config)
+        trainer(teacher, teacher, _tokens((2, 8)), config, **options)
     with pytest.raises(ValueError, match="share a vocabulary"):
-        kd.distill(make_tiny_llama(vocab_size=64), teacher, _tokens((2, 8)) % 64, config=config)
+        trainer(make_tiny_llama(vocab_size=64), teacher, _tokens((2, 8)) % 64, config, **options)
     with pytest.raises(TypeError, match="student must be a Hugging Face causal LM"):
-        kd.distill(torch.nn.Linear(2, 2), teacher, _tokens((2, 8)), config=config)
+        trainer(torch.nn.Linear(2, 2), teacher, _tokens((2, 8)), config, **options)
+    if trainer is not OFFLINE:  # stored top-k targets stand in for the teacher in offline distillation only
+        with pytest.raises(TypeError, match="teacher must be a Hugging Face causal LM"):
+            trainer(student, kd.teacher_topk(teacher, _tokens((2, 8)), k=4), _tokens((2, 8)), config, **options)
+
+
+def test_stored_targets_must_fit_the_blocks_and_their_helpers_check_arguments(teacher):
+    student, config = _student(teacher), TrainConfig(steps=1)
     targets = kd.teacher_topk(teacher, _tokens((2, 8)), k=4)
-    with pytest.raises(TypeError, match="SparseTeacher in mode 'offline' only"):
-        kd.distill(student, targets, _tokens((2, 8)), config=config)
-    with pytest.raises(ValueError, match="must cover data"):
-        kd.distill(student, targets, _tokens((2, 8)), "offline", config=config, temperature=2.0)
+    with pytest.raises(ValueError, match="must cover blocks"):
+        kd.distill_offline_topk(student, targets, _tokens((2, 8)), config, temperature=2.0)
+    with pytest.raises(ValueError, match="must cover blocks"):
+        kd.distill_offline_topk(student, targets, _tokens((3, 8)), config)
+    with pytest.raises(ValueError, match="top_k must be None when teacher is already a SparseTeacher"):
+        kd.distill_offline_topk(student, targets, _tokens((2, 8)), config, top_k=4)
     with pytest.raises(ValueError, match="k must be at most"):
         kd.teacher_topk(teacher, _tokens((2, 8)), k=VOCAB + 1)
     with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
         kd.generate_continuations(teacher, _tokens((2, 3)), 0)
-    with pytest.raises(ValueError, match="name must be a non-empty str"):
-        kd.cached_student(kd.StudentRecipe(StudentSpec("t", (0,)), config, "d"), teacher, _tokens((2, 8)), "a/b")
 
 
 @pytest.mark.slow
@@ -327,31 +287,16 @@ def test_smollm2_student_learns_from_its_teacher_online_and_offline(smollm2):
     model, tokenizer = smollm2
     blocks = corpora.token_blocks(tokenizer, corpora.load_text("shakespeare", "calibration"), seq_len=32, n_blocks=2)
     config = TrainConfig(steps=2, lr=1e-4)
-    online = kd.distill(layer_subset_student(model, n_layers=10), model, blocks, config=config, batch_size=2)
+    online = kd.distill_online(layer_subset_student(model, n_layers=10), model, blocks, config, batch_size=2)
     assert online.losses[-1] < online.losses[0]
     targets = kd.teacher_topk(model, blocks, k=64)
     assert targets.nbytes * 100 < blocks.numel() * model.config.vocab_size * 4  # vs float32 logits
-    offline = kd.distill(layer_subset_student(model, n_layers=10), targets, blocks, "offline", config=config,
-                         batch_size=2)
+    offline = kd.distill_offline_topk(layer_subset_student(model, n_layers=10), targets, blocks, config,
+                                      batch_size=2)
     assert offline.losses[-1] < offline.losses[0]
 
 
-@pytest.mark.slow
-def test_influence_student_recipe_keeps_the_most_influential_layers(smollm2):
-    from refimpl import data as corpora
-    from refimpl.pruning import structured
-
-    model, tokenizer = smollm2
-    recipe, blocks = kd.influence_student_recipe(model, tokenizer, "smollm2-135m", n_layers=12)
-    scored = torch.cat([corpora.token_blocks(tokenizer, corpora.load_text(name, "calibration"), seq_len=256, n_blocks=1)
-                        for name in corpora.CORPORA])
-    influence = structured.activation_importance(model, scored).layers
-    assert recipe.spec.keep == tuple(sorted(influence.topk(12).indices.tolist()))
-    assert recipe.spec.teacher == "smollm2-135m" and recipe.mode == "online" and recipe.loss == "forward_kl"
-    assert blocks.shape == (16, 128) and blocks.dtype == torch.long
-    again, blocks_again = kd.influence_student_recipe(model, tokenizer, "smollm2-135m", n_layers=12)
-    assert kd.student_digest(again, blocks_again) == kd.student_digest(recipe, blocks)  # deterministic
-    with pytest.raises(ValueError, match="n_layers must be at most"):
-        kd.influence_student_recipe(model, tokenizer, "smollm2-135m", n_layers=31)
-    with pytest.raises(ValueError, match="n_layers"):
-        kd.influence_student_recipe(model, tokenizer, "smollm2-135m", n_layers=0)
+def test_eos_ids_reads_none_one_or_several_end_tokens(teacher):
+    for eos, expected in ((None, []), (5, [5]), ([5, 7], [5, 7])):
+        teacher.generation_config.eos_token_id = eos
+        assert kd.eos_ids(teacher) == expected

@@ -32,8 +32,9 @@ from refimpl.decoding.generate import Sampling, generate
 from refimpl.decoding.speculative import ModelDraft, PromptLookupDraft, speculative_generate
 from refimpl.distillation import losses
 from refimpl.distillation import step_by_step as sbs
+from refimpl.distillation import cache
 from refimpl.distillation import train as kd
-from refimpl.distillation.student import layer_subset_student
+from refimpl.distillation.student import StudentSpec, layer_subset_student
 from refimpl.pruning import magnitude, masks, sparsegpt, structured, wanda
 from refimpl.quantization import (activation, awq, gptq, llm_int8, packed, qat, qlora, smoothquant, uniform,
                                   zeroquant)
@@ -147,11 +148,11 @@ def _lkd_case() -> tuple[nn.Module, Callable[[], Any], type[BaseException]]:
     return student, lambda: zeroquant.layerwise_distill(teacher, student, BLOCKS, steps=3, lr=1e30), FloatingPointError
 
 
-def _distill_case(mode: str, **options: Any) -> Case:
+def _distill_case(trainer: Callable[..., training.TrainLog], **options: Any) -> Case:
     def make():
         student, teacher = make_tiny_llama(1), make_tiny_llama(0)
-        return student, lambda: kd.distill(student, teacher, BLOCKS[:, :8], mode, config=DIVERGES, batch_size=1,
-                                           **options), FloatingPointError
+        return student, lambda: trainer(student, teacher, BLOCKS[:, :8], DIVERGES, batch_size=1,
+                                        **options), FloatingPointError
     return make
 
 
@@ -180,10 +181,10 @@ FAILS_HALF_WAY: dict[str, Case] = {
     "qat-train": _case(lambda: qat.prepare_qat(make_tiny_llama(), 4, group_size=32),
                        lambda m: training.train(m, list(BLOCKS.split(1)), training.next_token_loss, DIVERGES),
                        FloatingPointError),
-    "distill-online": _distill_case("online"),
-    "distill-offline": _distill_case("offline", top_k=4),
-    "distill-sequence": _distill_case("sequence", max_new_tokens=2),
-    "distill-on-policy": _distill_case("on_policy", prompt_len=4),
+    "distill-online": _distill_case(kd.distill_online),
+    "distill-offline": _distill_case(kd.distill_offline_topk, top_k=4),
+    "distill-sequence": _distill_case(kd.distill_sequence_level, max_new_tokens=2),
+    "distill-on-policy": _distill_case(kd.distill_on_policy, prompt_len=4),
     "distill-step-by-step": _case(lambda: make_tiny_llama(1), lambda m: sbs.distill_step_by_step(
         m, _step_by_step_batches(), DIVERGES), FloatingPointError),
     "llm-pruner-recover": _case(make_tiny_llama, lambda m: structured.recover(m, BLOCKS, DIVERGES, r=4, batch_size=1),
@@ -392,7 +393,9 @@ TAKES_TOKEN_IDS: dict[str, tuple[str, Callable[[nn.Module, torch.Tensor], Any]]]
         m, PromptLookupDraft(VOCAB), ids[:1], 3, gamma=2)),
     "teacher_topk": ("blocks", lambda m, ids: kd.teacher_topk(m, ids, k=4)),
     "generate_continuations": ("prompts", lambda m, ids: kd.generate_continuations(m, ids, 2)),
-    "distill": ("data", lambda m, ids: kd.distill(make_tiny_llama(1), m, ids, config=TrainConfig(steps=1))),
+    "distill_online": ("blocks", lambda m, ids: kd.distill_online(make_tiny_llama(1), m, ids, TrainConfig(steps=1))),
+    "distill_sequence_level": ("prompts", lambda m, ids: kd.distill_sequence_level(
+        make_tiny_llama(1), m, ids, TrainConfig(steps=1), max_new_tokens=2)),
     "task_loss": ("batch.tokens", lambda m, ids: sbs.task_loss(m, _task_batch(ids))),
     "greedy_matches": ("batch.tokens", lambda m, ids: sbs.greedy_matches(m, _task_batch(ids))),
     "distill_step_by_step": ("batches[0].label.tokens", lambda m, ids: sbs.distill_step_by_step(
@@ -422,9 +425,9 @@ def test_token_ids_are_checked_before_anything_runs(param, call, bad, error, mes
 
 
 def test_token_ids_without_a_model_must_be_non_negative():
-    recipe = kd.StudentRecipe(kd.StudentSpec("tiny", (0,)), TrainConfig(steps=1), data="tokens")
+    recipe = cache.StudentRecipe(StudentSpec("tiny", (0,)), TrainConfig(steps=1), data="tokens")
     with pytest.raises(ValueError, match=r"data must hold non-negative token ids, got ids in \[-1, "):
-        kd.student_digest(recipe, BLOCKS.index_fill(1, torch.tensor([3]), -1))
+        cache.student_digest(recipe, BLOCKS.index_fill(1, torch.tensor([3]), -1))
 
 
 # --- 4. NaN and Inf scores are refused, not ranked first ------------------------------------------

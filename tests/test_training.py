@@ -93,6 +93,8 @@ def test_a_non_finite_loss_or_gradient_stops_with_the_step():
 ])
 def test_bad_settings_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
+        training.check_config(TrainConfig(**kwargs))  # what trainers built on the loop check first
+    with pytest.raises(ValueError, match=match):
         training.train(nn.Linear(2, 1), [torch.ones(1, 2)], lambda m, b: m(b).sum(), TrainConfig(**kwargs))
 
 

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from refimpl._validation import check_choice, check_logits, check_positive_int
+from refimpl._validation import check_choice, check_fraction, check_logits, check_positive_int, check_positive_number
 
 #: The divergences :func:`distillation_loss` knows.
 KINDS = ("forward_kl", "reverse_kl", "jsd")
@@ -86,7 +86,7 @@ class SparseTeacher:
                 or self.rest_log_prob.shape != self.log_probs.shape[:-1]:
             raise ValueError(f"log_probs {tuple(self.log_probs.shape)} and indices {tuple(self.indices.shape)} must "
                              f"have one shape [..., k], rest_log_prob {tuple(self.rest_log_prob.shape)} its [...]")
-        _check_temperature(self.temperature)
+        check_positive_number("temperature", self.temperature)
 
     @classmethod
     @torch.no_grad()
@@ -97,7 +97,7 @@ class SparseTeacher:
         check_positive_int("k", k)
         if k > logits.shape[-1]:
             raise ValueError(f"k must be at most the vocabulary size {logits.shape[-1]}, got {k}")
-        _check_temperature(temperature)
+        check_positive_number("temperature", temperature)
         check_logits("logits", logits)  # topk would keep a NaN first
         log_p = F.log_softmax(_widened(logits) / temperature, dim=-1)  # [..., vocab]
         top = log_p.topk(k, dim=-1)  # values and indices [..., k], decreasing
@@ -135,26 +135,12 @@ class SparseTeacher:
                              self.temperature)
 
 
-def _check_temperature(temperature: Any) -> None:
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not math.isfinite(temperature) \
-            or not temperature > 0:
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-
-
-def _check_fraction(param: str, value: Any, open_interval: bool) -> None:
-    """``value`` must be a number in [0, 1] (or (0, 1) with ``open_interval``)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-            or not (0 < value < 1 if open_interval else 0 <= value <= 1):
-        interval = "the open interval (0, 1)" if open_interval else "[0, 1]"
-        raise ValueError(f"{param} must be a number in {interval}, got {value!r}")
-
-
 def _check(student_logits: torch.Tensor, teacher_logits: torch.Tensor | SparseTeacher, temperature: float,
            mask: torch.Tensor | None) -> None:
     if not isinstance(student_logits, torch.Tensor) or not student_logits.is_floating_point() \
             or student_logits.dim() < 1:
         raise ValueError("student_logits must be a floating-point tensor [..., vocab]")
-    _check_temperature(temperature)
+    check_positive_number("temperature", temperature)
     positions = student_logits.shape[:-1]
     if isinstance(teacher_logits, SparseTeacher):
         if teacher_logits.log_probs.shape[:-1] != positions:
@@ -214,25 +200,35 @@ def _log_distributions(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return log_p, torch.cat([log_q_top, log_q_rest], dim=-1)
 
 
-def _token_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+def _check_log_distributions(log_p: Any, log_q: Any) -> None:
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (log_p, log_q)) \
+            or log_p.shape != log_q.shape:
+        raise ValueError("log_p and log_q must be floating-point tensors of one shape [..., vocab]")
+
+
+def token_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) at every position, from log-probabilities ``[..., vocab]`` -> ``[...]``; tokens with
     :math:`p_v = 0` (e.g. logits of -inf) contribute nothing."""
+    _check_log_distributions(log_p, log_q)
     p = log_p.exp()
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
 
 
-def _token_jsd(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
-    """JSD(β)(p || q) at every position ``[..., vocab]`` -> ``[...]``, the mixture taken in log space."""
+def token_jsd(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
+    """JSD(β)(p || q) at every position ``[..., vocab]`` -> ``[...]``, the mixture taken in log space;
+    ``beta`` in the open interval (0, 1)."""
+    _check_log_distributions(log_p, log_q)
+    check_fraction("beta", beta, open_interval=True)
     log_m = torch.logaddexp(math.log(beta) + log_p, math.log1p(-beta) + log_q)  # log(β p + (1 - β) q)
-    return beta * _token_kl(log_p, log_m) + (1 - beta) * _token_kl(log_q, log_m)
+    return beta * token_kl(log_p, log_m) + (1 - beta) * token_kl(log_q, log_m)
 
 
 def _token_divergence(kind: str, log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
     if kind == "forward_kl":
-        return _token_kl(log_p, log_q)
+        return token_kl(log_p, log_q)
     if kind == "reverse_kl":
-        return _token_kl(log_q, log_p)
-    return _token_jsd(log_p, log_q, beta)
+        return token_kl(log_q, log_p)
+    return token_jsd(log_p, log_q, beta)
 
 
 def _mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -269,7 +265,7 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor |
     ``beta * forward_kl``, near 1 ``(1 - beta) * reverse_kl`` (module docstring). The student's
     gradient flows through both terms, the mixture included. As :func:`forward_kl` otherwise."""
     _check(student_logits, teacher_logits, temperature, mask)
-    _check_fraction("beta", beta, open_interval=True)
+    check_fraction("beta", beta, open_interval=True)
     return _soft_loss("jsd", student_logits, teacher_logits, temperature, beta, mask)
 
 
@@ -299,8 +295,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     """
     _check(student_logits, teacher_logits, temperature, mask)
     check_choice("kind", kind, KINDS)
-    _check_fraction("alpha", alpha, open_interval=False)
-    _check_fraction("beta", beta, open_interval=True)
+    check_fraction("alpha", alpha)
+    check_fraction("beta", beta, open_interval=True)
     positions = mask
     if labels is not None:
         if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int32, torch.int64) \

@@ -64,10 +64,10 @@ from torch import nn
 from refimpl._rollback import restores_on_error
 from refimpl._validation import (check_choice, check_logits, check_non_negative_int, check_positive_int,
                                  check_token_ids)
-from refimpl.distillation.losses import _token_kl
-from refimpl.distillation.train import _eos_ids, check_teacher_student
+from refimpl.distillation.losses import token_kl
+from refimpl.distillation.train import check_teacher_student, eos_ids
 from refimpl.evaluate import eval_mode, model_device
-from refimpl.training import TrainConfig, TrainLog, _check_config, next_token_loss, train
+from refimpl.training import TrainConfig, TrainLog, check_config, next_token_loss, train
 
 #: How :func:`minillm_loss` weights teacher-mixed samples: the paper's single-token ratio, or the exact products.
 IMPORTANCE = ("token", "prefix")
@@ -153,7 +153,7 @@ def sample_responses(student: nn.Module, teacher: nn.Module, prompts: torch.Tens
     check_non_negative_int("seed", seed)
     _check_flag("stop_at_eos", stop_at_eos)
     device = model_device(student)
-    eos = torch.tensor(_eos_ids(student) if stop_at_eos else [], dtype=torch.long, device=device)
+    eos = torch.tensor(eos_ids(student) if stop_at_eos else [], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     tokens = prompts.to(device)  # [B, P], grows to [B, P + N]
     batch = len(tokens)
@@ -246,7 +246,7 @@ def minillm_loss(student: nn.Module, teacher: nn.Module, samples: SampledRespons
         with torch.no_grad(), eval_mode(teacher):
             logits_p = teacher(tokens.to(model_device(teacher))).logits[:, start - 1:-1]  # [B, N, V]
         log_p_all = F.log_softmax(logits_p.float().to(device), dim=-1)
-        single = _token_kl(log_q_all, log_p_all)  # KL(q_t || p_t) over the vocabulary, [B, N]
+        single = token_kl(log_q_all, log_p_all)  # KL(q_t || p_t) over the vocabulary, [B, N]
         per_token = weights * single - returns * log_q  # (∇L)_Single + (∇L)_Long
     else:
         per_token = -(returns - weights) * log_q  # -(R_t - 1) log q, weighted
@@ -286,9 +286,7 @@ def minillm_train(student: nn.Module, teacher: nn.Module, prompts: torch.Tensor,
     """
     check_teacher_student(student, teacher)
     check_token_ids("prompts", prompts, student.config.vocab_size, "student")
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    _check_config(config)
+    check_config(config)
     check_positive_int("max_new_tokens", max_new_tokens)
     _check_alpha(alpha)
     check_positive_int("batch_size", batch_size)

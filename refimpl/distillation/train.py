@@ -1,73 +1,53 @@
-r"""Knowledge distillation of a causal language model: one trainer, four ways to use the teacher.
+r"""Knowledge distillation of a causal language model: four trainers on the shared loop, one per way
+to use the teacher.
 
-:func:`distill` trains a student (e.g. :func:`refimpl.distillation.student.layer_subset_student`) with the
-shared loop of :mod:`refimpl.training`; only the loss and where its tokens come from change with ``mode``:
+Each trains a student (e.g. :func:`refimpl.distillation.student.layer_subset_student`) in place with
+:func:`refimpl.training.train`; only the loss and where its tokens come from differ:
 
-- ``"online"`` — **white-box** distillation (Hinton, Vinyals, Dean 2015, arXiv:1503.02531, §2): the
-  teacher runs on every batch (without gradients) and the student matches its next-token distribution
-  at every position, :math:`\alpha\,\tau^2 D(p_T, q_\theta) + (1-\alpha)\,\mathrm{CE}`
+- :func:`distill_online` — **white-box** distillation (Hinton, Vinyals, Dean 2015, arXiv:1503.02531, §2):
+  the teacher runs on every batch (without gradients) and the student matches its next-token
+  distribution at every position, :math:`\alpha\,\tau^2 D(p_T, q_\theta) + (1-\alpha)\,\mathrm{CE}`
   (:func:`refimpl.distillation.losses.distillation_loss`; :math:`D` is forward KL, reverse KL as in
   MiniLLM, Gu et al. 2024, arXiv:2306.08543, or GKD's JSD(β)).
-- ``"offline"`` — the same loss, but the teacher runs once before training and only its top-:math:`k`
-  next-token probabilities are stored (:func:`teacher_topk`, float16 values and int32 token ids, with
-  its measured bytes), so that training no longer needs the teacher; the loss compares the top-:math:`k`
-  tokens and one remainder bucket (:class:`~refimpl.distillation.losses.SparseTeacher`).
-- ``"sequence"`` — **black-box**, sequence-level distillation (Kim and Rush 2016, "Sequence-Level
-  Knowledge Distillation", arXiv:1606.07947, §3.2): only the teacher's *text* is used. The teacher
-  continues every prompt once, greedily (beam search of width 1 approximating the mode
+- :func:`distill_offline_topk` — the same loss, but the teacher runs once before training and only its
+  top-:math:`k` next-token probabilities are stored (:func:`teacher_topk`, float16 values and int32
+  token ids, with its measured bytes), so that training no longer needs the teacher; the loss compares
+  the top-:math:`k` tokens and one remainder bucket (:class:`~refimpl.distillation.losses.SparseTeacher`).
+- :func:`distill_sequence_level` — **black-box**, sequence-level distillation (Kim and Rush 2016,
+  "Sequence-Level Knowledge Distillation", arXiv:1606.07947, §3.2): only the teacher's *text* is used.
+  The teacher continues every prompt once, greedily (beam search of width 1 approximating the mode
   :math:`\hat y \approx \arg\max_y p_T(y \mid x)`, ending at its end-of-sequence token), and the
   student is trained with ordinary next-token cross-entropy on :math:`\hat y`, i.e.
   :math:`-\log q_\theta(\hat y \mid x)`.
-- ``"on_policy"`` — **GKD** (Agarwal et al. 2024, "On-Policy Distillation of Language Models",
+- :func:`distill_on_policy` — **GKD** (Agarwal et al. 2024, "On-Policy Distillation of Language Models",
   arXiv:2306.13649, Algorithm 1): at each step, with probability :math:`\lambda` (``student_fraction``)
   the student samples continuations of the batch's prompts and the teacher scores them token by token;
   otherwise the dataset's own continuations are used. The loss, JSD(β) by default, counts only the
   continuation tokens (the prompt is input), and no gradient flows through the sampling. Training on
-  its own samples addresses the train/inference mismatch of the other modes (exposure bias): the
+  its own samples addresses the train/inference mismatch of the other trainers (exposure bias): the
   student learns what the teacher would do in the states the student itself reaches.
 
-:func:`cached_student` saves a trained student in refimpl's cache (``<cache>/students/<name>-<hash>``)
-with the recipe it was made by; the hash covers the recipe and the training tokens, so a changed
-recipe trains a new student and an unchanged one is loaded, not retrained.
+Every trainer checks all its arguments before the student changes, uses the ``t % n_batches``-th slice
+of ``batch_size`` sequences at step ``t``, and returns the :class:`~refimpl.training.TrainLog`; a
+non-finite loss stops training at its step (``FloatingPointError``), and any error leaves the student as
+it was (:func:`refimpl.training.train` restores it). Trained students are kept in refimpl's cache by
+:mod:`refimpl.distillation.cache`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import re
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refimpl import calibration, data
-from refimpl._validation import (check_causal_lm, check_choice, check_finite, check_non_negative_int,
-                                 check_positive_int, check_token_ids)
+from refimpl._validation import (check_causal_lm, check_choice, check_fraction, check_non_negative_int,
+                                 check_positive_int, check_positive_number, check_token_ids)
 from refimpl.distillation import losses
 from refimpl.distillation.losses import IGNORE_INDEX, SparseTeacher
-from refimpl.distillation.student import StudentSpec, layer_subset_student
 from refimpl.evaluate import eval_mode, model_device
-from refimpl.pruning import structured
-from refimpl.runtime import cache_dir
-from refimpl.training import TrainConfig, TrainLog, train
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-#: The ways :func:`distill` uses the teacher.
-MODES = ("online", "offline", "sequence", "on_policy")
-#: Each mode's default divergence (``"sequence"`` trains with cross-entropy on the teacher's text).
-DEFAULT_LOSS = {"online": "forward_kl", "offline": "forward_kl", "sequence": None, "on_policy": "jsd"}
-#: The keyword arguments of :func:`distill` that only some modes use.
-MODE_OPTIONS = {"top_k": ("offline",), "max_new_tokens": ("sequence",), "prompt_len": ("on_policy",),
-                "student_fraction": ("on_policy",), "sample_temperature": ("on_policy",)}
+from refimpl.training import TrainConfig, TrainLog, check_config, train
 
 
 @torch.no_grad()
@@ -113,7 +93,8 @@ def check_teacher_student(student: Any, teacher: Any) -> None:
                          f"and {teacher.config.vocab_size} tokens")
 
 
-def _eos_ids(model: nn.Module) -> list[int]:
+def eos_ids(model: nn.Module) -> list[int]:
+    """The end-of-sequence token ids of ``model``'s ``generation_config`` (none, one or several)."""
     eos = model.generation_config.eos_token_id
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
@@ -148,13 +129,13 @@ def generate_continuations(model: nn.Module, prompts: torch.Tensor, max_new_toke
     check_positive_int("max_new_tokens", max_new_tokens)
     if not isinstance(do_sample, bool):
         raise TypeError(f"do_sample must be a bool, got {type(do_sample).__name__}")
-    losses._check_temperature(temperature)
+    check_positive_number("temperature", temperature)
     check_non_negative_int("seed", seed)
     check_positive_int("batch_size", batch_size)
     from transformers import GenerationConfig
 
     device = model_device(model)
-    eos = _eos_ids(model)
+    eos = eos_ids(model)
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else eos[0] if eos else 0
     sampling = dict(temperature=float(temperature), top_k=0, top_p=1.0) if do_sample else {}
@@ -189,298 +170,195 @@ def next_token_labels(tokens: torch.Tensor, counted: torch.Tensor | None = None)
     return labels
 
 
-def _check_mode_options(mode: str, options: Mapping[str, Any]) -> None:
-    for name, value in options.items():
-        if value is not None and mode not in MODE_OPTIONS[name]:
-            raise ValueError(f"{name} applies to mode {' / '.join(MODE_OPTIONS[name])} only, not to mode {mode!r}")
+# --- what every trainer shares -------------------------------------------------------------------
 
 
-def distill(student: nn.Module, teacher: nn.Module | SparseTeacher, data: torch.Tensor, mode: str = "online",
-            loss: str | None = None, *, config: TrainConfig, alpha: float = 1.0, temperature: float = 1.0,
-            beta: float = 0.5, top_k: int | None = None, max_new_tokens: int | None = None,
-            prompt_len: int | None = None, student_fraction: float | None = None,
-            sample_temperature: float | None = None, batch_size: int = 8, desc: str | None = None) -> TrainLog:
-    """Distil ``teacher`` into ``student`` in place with :func:`refimpl.training.train` (module docstring).
+def _check_student_run(student: Any, param: str, tokens: Any, config: Any, batch_size: Any) -> None:
+    """The student, its training tokens ``param``, the loop's settings and the batch size."""
+    check_causal_lm("student", student)
+    check_token_ids(param, tokens, student.config.vocab_size, "student")
+    check_config(config)
+    check_positive_int("batch_size", batch_size)
+
+
+def _check_divergence(loss: Any, temperature: Any, beta: Any) -> None:
+    """The soft loss: its divergence (one of :data:`~refimpl.distillation.losses.KINDS`), temperature and β."""
+    check_choice("loss", loss, losses.KINDS)
+    check_positive_number("temperature", temperature)
+    check_fraction("beta", beta, open_interval=True)
+
+
+def _slices(n: int, batch_size: int) -> list[slice]:
+    """Consecutive slices of ``batch_size`` of ``n`` rows (the last may be shorter): the batches, in order."""
+    return [slice(i, i + batch_size) for i in range(0, n, batch_size)]
+
+
+# --- the four trainers ---------------------------------------------------------------------------
+
+
+def distill_online(student: nn.Module, teacher: nn.Module, blocks: torch.Tensor, config: TrainConfig, *,
+                   loss: str = "forward_kl", alpha: float = 1.0, temperature: float = 1.0, beta: float = 0.5,
+                   batch_size: int = 8, desc: str = "distil (online)") -> TrainLog:
+    r"""White-box distillation with the teacher run on every batch (Hinton et al. 2015, §2): minimise
+    :math:`\alpha\,\tau^2 D(p^\tau_T, q^\tau_\theta) + (1-\alpha)\,\mathrm{CE}(y, q_\theta)` at every
+    position of ``blocks``, :math:`y` the next token of the block.
 
     Args:
         student: the Hugging Face causal LM to train; its parameters that require gradients train.
-        teacher: a causal LM with the student's vocabulary (never trained; run in eval mode without
-            gradients). For ``"offline"`` also a :class:`SparseTeacher` from :func:`teacher_topk` over
-            ``data``, at ``temperature``.
-        data: ``LongTensor[n, T]`` token blocks (``"online"``, ``"offline"``), prompts (``"sequence"``),
-            or prompts followed by the dataset's continuations (``"on_policy"``, see ``prompt_len``).
-        mode: ``"online"``, ``"offline"``, ``"sequence"`` or ``"on_policy"``.
-        loss: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``; ``None`` takes the mode's default
-            (:data:`DEFAULT_LOSS`). ``"sequence"`` trains with cross-entropy and takes no loss.
+        teacher: a causal LM with the student's vocabulary, run in eval mode without gradients.
+        blocks: ``LongTensor[n, T]`` token blocks.
         config: steps, learning rate, schedule, clipping and seed (:class:`~refimpl.training.TrainConfig`).
-        alpha: ``"online"``/``"offline"``: weight of the soft loss against cross-entropy on the data's
-            next tokens (Hinton et al.); other modes need the default 1.
-        temperature: :math:`\\tau` of the soft loss.
+        loss: the divergence :math:`D`: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"`` (JSD(β)).
+        alpha: weight of the soft loss against cross-entropy on the next tokens, in [0, 1].
+        temperature: :math:`\tau > 0` of the soft loss.
         beta: JSD(β)'s β, in (0, 1).
-        top_k: ``"offline"``: teacher tokens stored per position (needed when ``teacher`` is a model).
-        max_new_tokens: ``"sequence"``: tokens the teacher appends to every prompt (greedy decoding).
-        prompt_len: ``"on_policy"``: the first ``prompt_len`` tokens of every row of ``data`` are the
-            prompt, the rest the dataset's continuation, whose length the student's samples take.
-        student_fraction: ``"on_policy"``: GKD's λ, the probability that a step trains on the student's
-            own samples (default 1: purely on-policy).
-        sample_temperature: ``"on_policy"``: the student's sampling temperature (default 1).
-        batch_size: sequences per step; step ``t`` uses the ``t % n_batches``-th slice of ``data``.
+        batch_size: blocks per step.
         desc: progress-bar label.
 
     Returns:
-        the :class:`~refimpl.training.TrainLog`. Arguments are checked before the student changes; a
-        non-finite loss stops training at its step (``FloatingPointError``), and any error leaves the
-        student as it was (:func:`refimpl.training.train` restores it).
+        the :class:`~refimpl.training.TrainLog` (module docstring: checks, errors).
     """
-    check_choice("mode", mode, MODES)
-    _check_mode_options(mode, {"top_k": top_k, "max_new_tokens": max_new_tokens, "prompt_len": prompt_len,
-                               "student_fraction": student_fraction, "sample_temperature": sample_temperature})
-    if mode == "sequence":
-        if loss is not None:
-            raise ValueError(f"loss must be None for mode 'sequence' (cross-entropy on the teacher's text), "
-                             f"got {loss!r}")
-    else:
-        loss = DEFAULT_LOSS[mode] if loss is None else loss
-        check_choice("loss", loss, losses.KINDS)
-    losses._check_fraction("alpha", alpha, open_interval=False)
-    if mode not in ("online", "offline") and alpha != 1:
-        raise ValueError(f"alpha applies to modes 'online' and 'offline' only; mode {mode!r} needs alpha=1")
-    losses._check_temperature(temperature)
-    losses._check_fraction("beta", beta, open_interval=True)
-    check_positive_int("batch_size", batch_size)
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    check_causal_lm("student", student)
+    _check_divergence(loss, temperature, beta)
+    check_fraction("alpha", alpha)
+    check_teacher_student(student, teacher)
+    _check_student_run(student, "blocks", blocks, config, batch_size)
+    device = model_device(student)
+
+    def loss_fn(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(device)  # [B, T]
+        with torch.no_grad():
+            teacher_logits = teacher(tokens).logits  # [B, T, vocab]
+        return losses.distillation_loss(model(tokens).logits, teacher_logits, next_token_labels(tokens), loss,
+                                        alpha, temperature, beta)
+
+    with eval_mode(teacher):
+        return train(student, [blocks[s] for s in _slices(len(blocks), batch_size)], loss_fn, config, desc=desc)
+
+
+def distill_offline_topk(student: nn.Module, teacher: nn.Module | SparseTeacher, blocks: torch.Tensor,
+                         config: TrainConfig, *, top_k: int | None = None, loss: str = "forward_kl",
+                         alpha: float = 1.0, temperature: float = 1.0, beta: float = 0.5, batch_size: int = 8,
+                         desc: str = "distil (offline)") -> TrainLog:
+    r"""Offline white-box distillation: the loss of :func:`distill_online` against the teacher's
+    top-``k`` next-token probabilities and a remainder bucket, stored once before training
+    (:func:`teacher_topk`), so that no step runs the teacher.
+
+    Args:
+        teacher: a causal LM with the student's vocabulary, run once here over ``blocks`` (``top_k``
+            tokens kept per position, ``batch_size`` blocks per pass); or its stored
+            :class:`~refimpl.distillation.losses.SparseTeacher` over ``blocks`` at ``temperature``.
+        top_k: tokens kept per position, from 1 to the vocabulary size, when ``teacher`` is a model;
+            None when it is a ``SparseTeacher``.
+
+    The other arguments and the result are those of :func:`distill_online`.
+    """
+    _check_divergence(loss, temperature, beta)
+    check_fraction("alpha", alpha)
     if isinstance(teacher, SparseTeacher):
-        if mode != "offline":
-            raise TypeError(f"teacher may be a SparseTeacher in mode 'offline' only, not {mode!r}")
         if top_k is not None:
             raise ValueError("top_k must be None when teacher is already a SparseTeacher")
+        _check_student_run(student, "blocks", blocks, config, batch_size)
+        if teacher.log_probs.shape[:2] != blocks.shape or teacher.temperature != temperature:
+            raise ValueError(f"the SparseTeacher must cover blocks {tuple(blocks.shape)} at temperature "
+                             f"{temperature}, got positions {tuple(teacher.log_probs.shape[:2])} at "
+                             f"{teacher.temperature}")
     else:
         check_teacher_student(student, teacher)
-    check_token_ids("data", data, student.config.vocab_size, "student")
-    n, seq_len = data.shape
-    if mode == "offline" and not isinstance(teacher, SparseTeacher):
+        _check_student_run(student, "blocks", blocks, config, batch_size)
         if top_k is None:
-            raise ValueError("mode 'offline' needs top_k (tokens kept per position) or a SparseTeacher as teacher")
+            raise ValueError("top_k (tokens kept per position) is needed when teacher is a model, not a SparseTeacher")
         check_positive_int("top_k", top_k)
         if top_k > teacher.config.vocab_size:
             raise ValueError(f"top_k must be at most the vocabulary size {teacher.config.vocab_size}, got {top_k}")
-    if mode == "sequence":
-        if max_new_tokens is None:
-            raise ValueError("mode 'sequence' needs max_new_tokens")
-        check_positive_int("max_new_tokens", max_new_tokens)
-    if mode == "on_policy":
-        if not isinstance(prompt_len, int) or isinstance(prompt_len, bool) or not 1 <= prompt_len < seq_len:
-            raise ValueError(f"mode 'on_policy' needs prompt_len, an int in [1, {seq_len}), got {prompt_len!r}")
-        student_fraction = 1.0 if student_fraction is None else student_fraction
-        losses._check_fraction("student_fraction", student_fraction, open_interval=False)
-        sample_temperature = 1.0 if sample_temperature is None else sample_temperature
-        losses._check_temperature(sample_temperature)
-
     device = model_device(student)
-    starts = range(0, n, batch_size)
-    if mode == "offline":
-        targets = teacher if isinstance(teacher, SparseTeacher) \
-            else teacher_topk(teacher, data, top_k, temperature, batch_size)  # the teacher's only run
-        if targets.log_probs.shape[:2] != data.shape or targets.temperature != temperature:
-            raise ValueError(f"the SparseTeacher must cover data {tuple(data.shape)} at temperature {temperature}, "
-                             f"got positions {tuple(targets.log_probs.shape[:2])} at {targets.temperature}")
-        batches = [(data[i:i + batch_size], targets[i:i + batch_size]) for i in starts]
+    targets = teacher if isinstance(teacher, SparseTeacher) \
+        else teacher_topk(teacher, blocks, top_k, temperature, batch_size)  # the teacher's only run
 
-        def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, SparseTeacher]) -> torch.Tensor:
-            tokens, sparse = batch[0].to(device), batch[1].to(device)  # [B, T], [B, T, k]
-            return losses.distillation_loss(model(tokens).logits, sparse, next_token_labels(tokens), loss, alpha,
-                                            temperature, beta)
+    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, SparseTeacher]) -> torch.Tensor:
+        tokens, sparse = batch[0].to(device), batch[1].to(device)  # [B, T], [B, T, k]
+        return losses.distillation_loss(model(tokens).logits, sparse, next_token_labels(tokens), loss, alpha,
+                                        temperature, beta)
 
-    elif mode == "online":
-        batches = [data[i:i + batch_size] for i in starts]
-
-        def loss_fn(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-            tokens = tokens.to(device)  # [B, T]
-            with torch.no_grad():
-                teacher_logits = teacher(tokens).logits  # [B, T, vocab]
-            return losses.distillation_loss(model(tokens).logits, teacher_logits, next_token_labels(tokens), loss,
-                                            alpha, temperature, beta)
-
-    elif mode == "sequence":
-        sequences, generated = generate_continuations(teacher, data, max_new_tokens, do_sample=False)  # [n, P + N]
-        labels = next_token_labels(sequences, generated)  # the continuation's tokens only
-        batches = [(sequences[i:i + batch_size], labels[i:i + batch_size]) for i in starts]
-
-        def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-            tokens, labels = batch[0].to(device), batch[1].to(device)  # [B, P + N] each
-            logits = model(tokens).logits  # [B, P + N, vocab]
-            return losses.target_cross_entropy(logits, labels)
-
-    else:  # on_policy
-        batches = [data[i:i + batch_size] for i in starts]
-        coin = torch.Generator().manual_seed(config.seed)  # λ draws and sampling seeds, one stream
-
-        def loss_fn(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-            tokens = tokens.to(device)  # [B, T]: prompt, then the dataset's continuation
-            if torch.rand((), generator=coin).item() < student_fraction:  # on-policy: the student's own samples
-                seed = int(torch.randint(2**31 - 1, (), generator=coin))
-                tokens, generated = generate_continuations(model, tokens[:, :prompt_len], seq_len - prompt_len,
-                                                           do_sample=True, temperature=sample_temperature,
-                                                           seed=seed, batch_size=len(tokens))
-            else:  # the dataset's continuation
-                generated = torch.zeros_like(tokens, dtype=torch.bool)
-                generated[:, prompt_len:] = True
-            with torch.no_grad():
-                teacher_logits = teacher(tokens).logits  # [B, T, vocab]
-            return losses.distillation_loss(model(tokens).logits, teacher_logits, next_token_labels(tokens, generated),
-                                            loss, 1.0, temperature, beta)
-
-    with contextlib.nullcontext() if isinstance(teacher, SparseTeacher) else eval_mode(teacher):
-        return train(student, batches, loss_fn, config, desc=desc or f"distil ({mode})")
+    batches = [(blocks[s], targets[s]) for s in _slices(len(blocks), batch_size)]
+    return train(student, batches, loss_fn, config, desc=desc)
 
 
-#: The keyword arguments of :func:`distill` a :class:`StudentRecipe` may set in ``options``.
-RECIPE_OPTIONS = ("alpha", "temperature", "beta", "batch_size") + tuple(MODE_OPTIONS)
-
-
-@dataclass(frozen=True)
-class StudentRecipe:
-    """How a saved student is made: which teacher layers it keeps (:class:`StudentSpec`), how
-    :func:`distill` trains it (``mode``, ``loss``, ``config`` and the other keyword arguments in
-    ``options``) and a description of the training data for readers of the saved record. Its
-    :meth:`to_dict` (with refimpl's version) and the training tokens are what the folder's hash covers."""
-
-    spec: StudentSpec
-    config: TrainConfig
-    data: str
-    mode: str = "online"
-    loss: str | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.spec, StudentSpec):
-            raise TypeError(f"spec must be a StudentSpec, got {type(self.spec).__name__}")
-        if not isinstance(self.config, TrainConfig):
-            raise TypeError(f"config must be a TrainConfig, got {type(self.config).__name__}")
-        if not isinstance(self.data, str) or not self.data:
-            raise ValueError(f"data must be a non-empty description of the training data, got {self.data!r}")
-        check_choice("mode", self.mode, MODES)
-        if not isinstance(self.options, Mapping) or not set(self.options) <= set(RECIPE_OPTIONS):
-            raise ValueError(f"options must be a mapping with keys among {list(RECIPE_OPTIONS)}, got {self.options!r}")
-        try:
-            json.dumps(dict(self.options))
-        except TypeError:
-            raise ValueError(f"options must hold JSON values (numbers, strings, None), got {self.options!r}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The recipe as JSON-ready data, with the refimpl version that made it."""
-        from refimpl import __version__
-
-        return {"teacher": self.spec.teacher, "keep": list(self.spec.keep), "mode": self.mode, "loss": self.loss,
-                "train_config": {**asdict(self.config), "betas": list(self.config.betas)}, "data": self.data,
-                "options": dict(sorted(self.options.items())), "refimpl_version": __version__}
-
-
-def student_digest(recipe: StudentRecipe, data: torch.Tensor) -> str:
-    """16 hex digits of the SHA-256 of the recipe (:meth:`StudentRecipe.to_dict`) and the token ids of
-    ``data``: the saved student's identity."""
-    if not isinstance(recipe, StudentRecipe):
-        raise TypeError(f"recipe must be a StudentRecipe, got {type(recipe).__name__}")
-    check_token_ids("data", data)
-    digest = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode())
-    digest.update(str(tuple(data.shape)).encode())
-    digest.update(data.detach().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def student_folder(recipe: StudentRecipe, data: torch.Tensor, name: str = "student") -> Path:
-    """Where :func:`cached_student` keeps the student ``recipe`` makes from ``data``:
-    ``<cache>/students/<name>-<digest>``. It holds a finished student when ``student.json`` is there."""
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-        raise ValueError(f"name must be a non-empty str of letters, digits, '.', '_' or '-', got {name!r}")
-    return cache_dir() / "students" / f"{name}-{student_digest(recipe, data)}"
-
-
-def cached_student(recipe: StudentRecipe, teacher: "PreTrainedModel", data: torch.Tensor, name: str = "student",
-                   tokenizer: "PreTrainedTokenizerBase | None" = None) -> tuple["PreTrainedModel", dict[str, Any]]:
-    """The student ``recipe`` describes, from ``<cache>/students/<name>-<digest>`` when it was saved
-    there before, else made now (:func:`layer_subset_student` of ``teacher``, then :func:`distill` on
-    ``data``) and saved with ``save_pretrained`` — deterministically, so a missing folder is re-created
-    with the same weights. Folders are written under a temporary name and renamed when complete.
+def distill_sequence_level(student: nn.Module, teacher: nn.Module, prompts: torch.Tensor, config: TrainConfig, *,
+                           max_new_tokens: int, batch_size: int = 8,
+                           desc: str = "distil (sequence)") -> TrainLog:
+    r"""Black-box, sequence-level distillation (Kim and Rush 2016, §3.2): the teacher continues every
+    prompt once, greedily (:func:`generate_continuations`), and the student minimises the cross-entropy
+    :math:`-\log q_\theta(\hat y \mid x)` of those continuations, prompt tokens not counted.
 
     Args:
-        recipe: how the student is made; ``teacher`` must be the model ``recipe.spec.teacher`` names
-            (only the name enters the hash).
-        teacher: the teacher model; also fixes the loaded student's device and dtype.
-        data: the training tokens for :func:`distill` (they enter the hash).
-        name: the folder's prefix (letters, digits, ``.``, ``_``, ``-``).
-        tokenizer: saved next to the student when given, so that
-            :func:`refimpl.models.load_model` can load the folder.
+        prompts: ``LongTensor[n, P]``, all of one length.
+        max_new_tokens: tokens the teacher appends to every prompt (fewer where it ends the sequence).
+        batch_size: sequences per step.
 
-    Returns:
-        ``(student, record)``: the student in eval mode, and the saved ``student.json`` (the recipe,
-        its digest and the training log: losses, seconds) with the ``folder`` it is in.
+    The other arguments and the result are those of :func:`distill_online`.
     """
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-        raise ValueError(f"name must be a non-empty str of letters, digits, '.', '_' or '-', got {name!r}")
-    check_causal_lm("teacher", teacher)
-    digest = student_digest(recipe, data)
-    folder = student_folder(recipe, data, name)
-    record_path = folder / "student.json"
-    parameter = next(teacher.parameters())
-    if record_path.is_file():
-        from transformers import AutoModelForCausalLM
+    check_teacher_student(student, teacher)
+    _check_student_run(student, "prompts", prompts, config, batch_size)
+    check_positive_int("max_new_tokens", max_new_tokens)
+    device = model_device(student)
+    sequences, generated = generate_continuations(teacher, prompts, max_new_tokens, do_sample=False)  # [n, P + N]
+    labels = next_token_labels(sequences, generated)  # the continuation's tokens only
 
-        student = AutoModelForCausalLM.from_pretrained(folder, dtype=parameter.dtype).to(parameter.device)
-        return student.eval(), {**json.loads(record_path.read_text()), "folder": str(folder)}
+    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        tokens, labels = batch[0].to(device), batch[1].to(device)  # [B, P + N] each
+        logits = model(tokens).logits  # [B, P + N, vocab]
+        return losses.target_cross_entropy(logits, labels)
 
-    student = layer_subset_student(teacher, recipe.spec.keep)
-    log = distill(student, teacher, data, recipe.mode, recipe.loss, config=recipe.config, desc=f"distil {name}",
-                  **recipe.options)
-    student.eval()
-    record = {"name": name, "digest": digest, "recipe": recipe.to_dict(), "losses": log.losses,
-              "seconds": log.seconds}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
-    try:
-        student.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / "student.json").write_text(json.dumps(record, indent=1))
-        if folder.exists():  # a folder without its record is an interrupted write
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return student, {**record, "folder": str(folder)}
+    batches = [(sequences[s], labels[s]) for s in _slices(len(sequences), batch_size)]
+    return train(student, batches, loss_fn, config, desc=desc)
 
 
-def influence_student_recipe(teacher: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", teacher_name: str,
-                             n_layers: int = 16) -> tuple[StudentRecipe, torch.Tensor]:
-    """The book's distilled student (chapter 06, reused as a draft model in chapter 08): its recipe
-    and its training tokens, for :func:`cached_student`.
+def distill_on_policy(student: nn.Module, teacher: nn.Module, blocks: torch.Tensor, config: TrainConfig, *,
+                      prompt_len: int, loss: str = "jsd", student_fraction: float = 1.0,
+                      sample_temperature: float = 1.0, temperature: float = 1.0, beta: float = 0.5,
+                      batch_size: int = 8, desc: str = "distil (on_policy)") -> TrainLog:
+    r"""On-policy distillation, GKD (Agarwal et al. 2024, Algorithm 1): at each step, with probability
+    :math:`\lambda` the student continues the batch's prompts by sampling, else the dataset's
+    continuations are kept; the teacher scores every continuation token and the student minimises
+    :math:`\tau^2 D(p^\tau_T, q^\tau_\theta)` over them (no gradient through the sampling). The coin
+    flips and the sampling seeds come from one generator seeded with ``config.seed``.
 
-    The student keeps the ``n_layers`` teacher layers of highest block influence (ShortGPT's score,
-    :func:`refimpl.pruning.structured.activation_importance`, on one 256-token calibration block per
-    corpus) and is trained online with forward KL for 8 steps (learning rate 5e-4, 2 warm-up steps) on
-    batches of two 128-token blocks: 8 calibration blocks per corpus, shuffled with seed 0.
+    Args:
+        blocks: ``LongTensor[n, T]``: the first ``prompt_len`` tokens of every row are the prompt, the
+            rest the dataset's continuation, whose length the student's samples take.
+        prompt_len: the prompt's length, in [1, T).
+        loss: the divergence :math:`D` (default GKD's JSD(β)), as in :func:`distill_online`.
+        student_fraction: GKD's λ, in [0, 1] (default 1: purely on-policy).
+        sample_temperature: the student's sampling temperature, > 0.
 
-    Returns:
-        ``(recipe, train_blocks [16, 128])``.
+    The other arguments and the result are those of :func:`distill_online` (no ``alpha``: GKD's
+    loss is the divergence alone).
     """
-    check_causal_lm("teacher", teacher)
-    check_positive_int("n_layers", n_layers)
-    n_teacher = len(calibration.decoder_layers(teacher))
-    if n_layers > n_teacher:
-        raise ValueError(f"n_layers must be at most the teacher's {n_teacher} layers, got {n_layers}")
-    device = model_device(teacher)
-    importance_blocks = torch.cat([data.token_blocks(tokenizer, data.load_text(name, "calibration"), seq_len=256,
-                                                     n_blocks=1) for name in data.CORPORA]).to(device)  # [2, 256]
-    block_influence = structured.activation_importance(teacher, importance_blocks).layers  # [layers]
-    check_finite("the block influence of teacher's layers", block_influence)  # argsort would rank a NaN first
-    keep = tuple(sorted(block_influence.argsort(descending=True)[:n_layers].tolist()))
-    train_blocks = torch.cat([data.token_blocks(tokenizer, data.load_text(name, "calibration"), seq_len=128,
-                                                n_blocks=8) for name in data.CORPORA])  # [16, 128]
-    train_blocks = train_blocks[torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(0))]
-    recipe = StudentRecipe(StudentSpec(teacher_name, keep), TrainConfig(steps=8, lr=5e-4, warmup_steps=2),
-                           data="calibration split, 8 blocks of 128 tokens per corpus, shuffled", mode="online",
-                           loss="forward_kl", options={"batch_size": 2})
-    return recipe, train_blocks.to(device)
+    _check_divergence(loss, temperature, beta)
+    check_fraction("student_fraction", student_fraction)
+    check_positive_number("sample_temperature", sample_temperature)
+    check_teacher_student(student, teacher)
+    _check_student_run(student, "blocks", blocks, config, batch_size)
+    seq_len = blocks.shape[1]
+    if not isinstance(prompt_len, int) or isinstance(prompt_len, bool) or not 1 <= prompt_len < seq_len:
+        raise ValueError(f"prompt_len must be an int in [1, {seq_len}) (the blocks' length), got {prompt_len!r}")
+    device = model_device(student)
+    coin = torch.Generator().manual_seed(config.seed)  # λ draws and sampling seeds, one stream
+
+    def loss_fn(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(device)  # [B, T]: prompt, then the dataset's continuation
+        if torch.rand((), generator=coin).item() < student_fraction:  # on-policy: the student's own samples
+            seed = int(torch.randint(2**31 - 1, (), generator=coin))
+            tokens, generated = generate_continuations(model, tokens[:, :prompt_len], seq_len - prompt_len,
+                                                       do_sample=True, temperature=sample_temperature,
+                                                       seed=seed, batch_size=len(tokens))
+        else:  # the dataset's continuation
+            generated = torch.zeros_like(tokens, dtype=torch.bool)
+            generated[:, prompt_len:] = True
+        with torch.no_grad():
+            teacher_logits = teacher(tokens).logits  # [B, T, vocab]
+        return losses.distillation_loss(model(tokens).logits, teacher_logits, next_token_labels(tokens, generated),
+                                        loss, 1.0, temperature, beta)
+
+    with eval_mode(teacher):
+        return train(student, [blocks[s] for s in _slices(len(blocks), batch_size)], loss_fn, config, desc=desc)
