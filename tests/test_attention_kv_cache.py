@@ -115,6 +115,24 @@ def test_rope_matches_hugging_face():
     assert rotated[0] == pytest.approx(rotated[1], abs=1e-5)
 
 
+def test_one_layers_attention_matches_hugging_face(tiny_llama):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    decoder, attn = Decoder.from_hf(tiny_llama), tiny_llama.model.layers[1].self_attn
+    x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(9)
+    with torch.no_grad():
+        expected = attn(x, LlamaRotaryEmbedding(tiny_llama.config)(x, positions[None]), None)[0]  # causal
+        torch.testing.assert_close(decoder.attention(attn, x, positions, None), expected, atol=1e-5, rtol=0)
+        cache = KVCache(2, 2, 16, 16)
+        chunked = [decoder.attention(attn, x[:, a:b], positions[a:b], cache) for a, b in ((0, 5), (5, 9))]
+        torch.testing.assert_close(torch.cat(chunked, dim=1), expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"x must be a tensor \[batch, t, hidden=64\]"):
+        decoder.attention(attn, x[0], positions, None)
+    with pytest.raises(TypeError, match="cache must be a KVCache or None"):
+        decoder.attention(attn, x, positions, decoder.new_cache(2, 16))
+
+
 # --- memory -----------------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import jupytext
@@ -36,3 +37,12 @@ def test_notebook_is_executed_in_order(source):
     assert any(c.outputs for c in nb.cells if c.cell_type == "code"), "the notebook has no stored outputs"
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, "the stored outputs contain an error"
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_code_is_shown_whole(source):
+    """A chapter shows refimpl's code as whole functions, ``print(inspect.getsource(f))``, never as a
+    slice of a function's text between anchors, which reformatting the code would break."""
+    uses = [line.strip() for line in source.read_text().splitlines() if "getsource" in line]
+    sliced = [line for line in uses if not re.fullmatch(r"print\(inspect\.getsource\([\w.]+\)\)", line)]
+    assert not sliced, f"{source.name}: print whole functions instead of {sliced}"

@@ -196,9 +196,30 @@ def test_wanda_keeps_small_weights_on_large_inputs():
     w = torch.tensor([[0.1, 1.0, 0.9, 0.8]])
     x = torch.ones(16, 4)
     x[:, 0] = 100.0  # an outlier feature
-    keep = masks.mask(wanda.wanda_scores(w, x.norm(dim=0)), 0.5, None)
+    keep = wanda.wanda_mask(w, _stats(x), 0.5)
     assert keep[0, 0] and not keep[0, 3]
     assert not masks.unstructured_mask(w.abs(), 0.5)[0, 0]  # magnitude drops it
+
+
+def test_wanda_mask_compares_per_row_or_per_layer_or_n_of_m():
+    w, stats = torch.randn(6, 16), _stats(_correlated_inputs(64, 16))
+    assert ((~wanda.wanda_mask(w, stats, 0.25)).sum(dim=1) == 4).all()
+    assert (~wanda.wanda_mask(w, stats, 0.25, scope="layer")).sum() == 24
+    assert (wanda.wanda_mask(w, stats, 0.0, nm=(2, 4)).reshape(6, 4, 4).sum(dim=2) == 2).all()
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(weight=torch.randn(16)), ValueError, "weight"),
+    (dict(weight=torch.randn(4, 8)), ValueError, "input_norm"),
+    (dict(stats=torch.eye(16)), TypeError, "stats"),
+    (dict(sparsity=1.0), ValueError, "sparsity"),
+    (dict(nm=(2, 3)), ValueError, "divide"),
+    (dict(scope="global"), ValueError, "scope"),
+])
+def test_wanda_mask_rejects_bad_arguments(kwargs, error, match):
+    args = dict(weight=torch.randn(4, 16), stats=_stats(torch.randn(32, 16)), sparsity=0.5) | kwargs
+    with pytest.raises(error, match=match):
+        wanda.wanda_mask(**args)
 
 
 def test_model_wanda_matches_the_layer_rule_and_prunes_per_row(tiny_llama):
@@ -269,6 +290,39 @@ def test_sparsegpt_has_the_requested_sparsity_per_block_and_per_segment():
             assert (block == 0).sum() == round(0.6 * block.numel())
     nm = sparsegpt.sparsegpt_prune(weight, H, 0.0, nm=(2, 4), block_size=32)
     assert ((nm.reshape(30, -1, 4) != 0).sum(dim=2) == 2).all()
+
+
+@pytest.mark.parametrize("patterns, segments", [([0.5], [12]), ([(2, 4)], [12]), ([0.25, (1, 4)], [5, 7])])
+def test_prune_columns_without_compensation_is_pruning_by_magnitude(patterns, segments):
+    """With U = I the OBS error is w^2 and no column is updated: each segment is magnitude-pruned to its
+    pattern (unstructured within every block of columns, over the segment's rows)."""
+    weight = torch.randn(12, 32, generator=torch.Generator().manual_seed(2))
+    pruned = sparsegpt.prune_columns(weight.T.contiguous(), torch.eye(32), patterns, segments, block_size=16).T
+    start = 0
+    for pattern, size in zip(patterns, segments):
+        rows = slice(start, start + size)
+        start += size
+        if isinstance(pattern, tuple):
+            keep = masks.nm_mask(weight[rows].abs(), pattern)
+        else:
+            keep = torch.cat([masks.unstructured_mask(weight[rows, c:c + 16].T.abs(), pattern, scope="layer").T
+                              for c in (0, 16)], dim=1)
+        assert torch.equal(pruned[rows], weight[rows] * keep)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(segments=[4, 3]), "segments must be positive row counts"),
+    (dict(patterns=[0.5, 0.5]), "one pattern per segment"),
+    (dict(patterns=[1.0]), "sparsity"),
+    (dict(patterns=[(2, 3)]), "divide"),
+    (dict(patterns=[(2, 8)], block_size=4), "multiple of M"),
+    (dict(WT=torch.ones(16, 8, dtype=torch.long)), "WT"),
+    (dict(U=torch.eye(8)), r"U \[in, in\]"),
+])
+def test_prune_columns_rejects_bad_arguments(kwargs, match):
+    args = dict(WT=torch.randn(16, 8), U=torch.eye(16), patterns=[0.5], segments=[8]) | kwargs
+    with pytest.raises(ValueError, match=match):
+        sparsegpt.prune_columns(**args)
 
 
 def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude():

@@ -163,6 +163,49 @@ def test_the_returned_grid_holds_the_weight(group_size, act_order):
     assert torch.equal(module.dequantized_weight(), quantized)
 
 
+@pytest.mark.parametrize("group_size, reverse", [(None, False), (16, False), (16, True)])
+def test_quantize_columns_puts_every_column_on_its_groups_grid(group_size, reverse):
+    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(7))
+    order = list(range(64))[::-1] if reverse else list(range(64))
+    params = lambda w: uniform.compute_qparams(w, 3, False, "channel", None, uniform.WEIGHT_SCALE_DTYPE)  # noqa: E731
+    if group_size is None:
+        given = {0: params(weight)}
+    elif reverse:  # the columns of a group do not come together: every group's grid is fixed beforehand
+        given = {g: params(weight[:, g:g + 16]) for g in range(0, 64, 16)}
+    else:  # one group fixed, the others taken on the way
+        given = {16: params(weight[:, 16:32])}
+    fixed = dict(given)
+    H = obs.dampen(gptq.hessian(_correlated_inputs(seed=7))[order][:, order], 0.01)
+    QT, grids = gptq.quantize_columns(weight[:, order].T.contiguous(), obs.upper_cholesky_of_inverse(H), order, 3,
+                                      False, group_size, given)
+    assert given == fixed and all(grids[g] is grid for g, grid in given.items())  # not modified, and kept
+    assert sorted(grids) == ([0] if group_size is None else [0, 16, 32, 48])
+    qmin, qmax = uniform.code_range(3, False)
+    for i, column in enumerate(order):
+        grid = grids[0 if group_size is None else column - column % group_size]
+        codes = QT[i] / grid.scale[:, 0] + grid.zero_point[:, 0]  # [out]
+        assert torch.allclose(codes, codes.round(), atol=1e-4)
+        assert codes.min() >= qmin - 1e-4 and codes.max() <= qmax + 1e-4
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(bits=1), ValueError, "bits"),
+    (dict(order=[0] * 16), ValueError, "order"),
+    (dict(WT=torch.ones(16, 4, dtype=torch.long)), ValueError, "WT"),
+    (dict(grids=None), TypeError, "grids"),
+    (dict(grids={}), ValueError, "key 0"),
+    (dict(group_size=5, grids={}), ValueError, "group_size 5 must divide"),
+    (dict(group_size=8, grids={}, order=list(range(16))[::-1]), ValueError, "every group's grid"),
+    (dict(block_size=0), ValueError, "block_size"),
+])
+def test_quantize_columns_rejects_bad_arguments(kwargs, error, match):
+    grid = uniform.compute_qparams(torch.randn(4, 16), 4, False)
+    args = dict(WT=torch.randn(16, 4), U=torch.eye(16), order=list(range(16)), bits=4, symmetric=False,
+                group_size=None, grids={0: grid}) | kwargs
+    with pytest.raises(error, match=match):
+        gptq.quantize_columns(**args)
+
+
 def test_weighting_the_first_token_protects_it():
     """Inputs whose first token (of every block) points along its own direction: with uniform weights
     GPTQ may push error onto it; weighting it in the Hessian lowers its error."""

@@ -94,7 +94,19 @@ class Decoder(nn.Module):
         return ModelKVCache.from_config(self.model.config, batch_size, max_len, dtype or self.model.dtype,
                                         self.model.device, window, sinks, n_layers=len(self.layers))
 
-    def _attention(self, attn: nn.Module, x: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    def attention(self, attn: nn.Module, x: torch.Tensor, positions: torch.Tensor,
+                  cache: KVCache | None) -> torch.Tensor:
+        """One layer's attention, :math:`W_O\\,\\mathrm{Attn}(\\cdot)` of the module docstring, on the normed
+        hidden states ``x [batch, t, hidden]`` of the new tokens at ``positions [t]``: ``attn`` (the layer's
+        ``self_attn``) projects them to query, key and value heads, these attend through the layer's
+        ``cache`` (:func:`~refimpl.attention.kv_cache.cached_attention`, unless a subclass replaces
+        ``_attend``), and the heads are joined and projected back to ``[batch, t, hidden]``."""
+        hidden = self.model.config.hidden_size
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != hidden:
+            raise ValueError(f"x must be a tensor [batch, t, hidden={hidden}], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache or None, got {type(cache).__name__}")
         shape = attention_shape(self.model.config)  # read each time: gqa.convert_kv_heads may change it
         b, t, _ = x.shape
         q = attn.q_proj(x).view(b, t, shape.n_heads, shape.head_dim).transpose(1, 2)  # [b, heads, t, d]
@@ -139,8 +151,8 @@ class Decoder(nn.Module):
         h = llama.embed_tokens(input_ids)  # [b, t, hidden]
         for i, index in enumerate(self.layers):
             layer = llama.layers[index]
-            h = h + self._attention(layer.self_attn, rms_norm(h, layer.input_layernorm.weight, eps), positions,
-                                    cache[i] if cache is not None else None)
+            h = h + self.attention(layer.self_attn, rms_norm(h, layer.input_layernorm.weight, eps), positions,
+                                   cache[i] if cache is not None else None)
             u = rms_norm(h, layer.post_attention_layernorm.weight, eps)
             mlp = layer.mlp
             h = h + mlp.down_proj(F.silu(mlp.gate_proj(u)) * mlp.up_proj(u))  # [b, t, hidden]

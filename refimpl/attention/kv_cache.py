@@ -170,13 +170,18 @@ class KVCache(nn.Module):
         self._check_update(positions, k, v)
         positions = positions.to(self.k_cache.device)
         k, v = k.to(self.k_cache.dtype), v.to(self.v_cache.dtype)
-        if self.window is None:
-            self.k_cache[:, :, positions] = k
-            self.v_cache[:, :, positions] = v
-            self.slot_positions[positions] = positions
-            self.length += len(positions)
-            n = self.length
-            return self.k_cache[:, :, :n], self.v_cache[:, :, :n], self.slot_positions[:n]
+        if self.window is not None:
+            return self._update_window(positions, k, v)
+        self.k_cache[:, :, positions] = k  # position p in slot p
+        self.v_cache[:, :, positions] = v
+        self.slot_positions[positions] = positions
+        self.length += len(positions)
+        n = self.length
+        return self.k_cache[:, :, :n], self.v_cache[:, :, :n], self.slot_positions[:n]
+
+    def _update_window(self, positions: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`update` of a cache with a window (arguments checked and converted there)."""
         keys = torch.cat([self.k_cache, k], dim=2)  # [b, kv_heads, slots + t, d]
         values = torch.cat([self.v_cache, v], dim=2)
         key_positions = torch.cat([self.slot_positions, positions])  # [slots + t]

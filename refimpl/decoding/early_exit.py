@@ -132,7 +132,7 @@ class LayerwiseDecoder(Decoder):
     def block(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """:math:`d^{i+1}` from :math:`d^i` ``[b, t, hidden]`` through the ``i``-th layer run."""
         layer, eps = self.model.model.layers[self.layers[i]], self.model.config.rms_norm_eps
-        h = h + self._attention(layer.self_attn, rms_norm(h, layer.input_layernorm.weight, eps), positions, cache)
+        h = h + self.attention(layer.self_attn, rms_norm(h, layer.input_layernorm.weight, eps), positions, cache)
         u = rms_norm(h, layer.post_attention_layernorm.weight, eps)
         mlp = layer.mlp
         return h + mlp.down_proj(F.silu(mlp.gate_proj(u)) * mlp.up_proj(u))  # [b, t, hidden]

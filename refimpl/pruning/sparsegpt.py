@@ -40,11 +40,15 @@ Pattern = Union[float, tuple[int, int]]
 """What to remove from a group of rows: a fraction of its weights (unstructured), or ``(N, M)``."""
 
 
-def _check_loop(patterns: Sequence[Pattern], block_size: int, damp: float) -> None:
+def _check_block_size(patterns: Sequence[Pattern], block_size: int) -> None:
     check_positive_int("block_size", block_size)
     for pattern in patterns:
         if isinstance(pattern, tuple) and block_size % pattern[1]:
             raise ValueError(f"block_size ({block_size}) must be a multiple of M ({pattern[1]})")
+
+
+def _check_loop(patterns: Sequence[Pattern], block_size: int, damp: float) -> None:
+    _check_block_size(patterns, block_size)
     obs.check_damp(damp)
 
 
@@ -63,15 +67,50 @@ def _runs(patterns: Sequence[Pattern], segments: Sequence[int]) -> list[tuple[sl
     return runs
 
 
-def _prune(weight: torch.Tensor, hessian_matrix: torch.Tensor, patterns: Sequence[Pattern], segments: Sequence[int],
-           block_size: int, damp: float) -> torch.Tensor:
-    """SparseGPT on ``weight [out, in]`` whose rows are ``segments`` (row counts) sharing ``H``, each
-    segment pruned to its own pattern (arguments checked by the callers)."""
-    n_in = weight.shape[1]
-    W, H = obs.prepare(weight, hessian_matrix)  # float32 [out, in], [in, in]
-    U = obs.upper_cholesky_of_inverse(obs.dampen(H, damp))  # H^-1 = U^T U
+def _check_segments(segments: Sequence[int], n_out: int) -> None:
+    if isinstance(segments, (str, bytes)) or not isinstance(segments, Sequence) \
+            or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in segments) or sum(segments) != n_out:
+        raise ValueError(f"segments must be positive row counts summing to out_features ({n_out}), got {segments}")
+
+
+def _check_columns(WT: torch.Tensor, patterns: Sequence[Pattern], segments: Sequence[int], block_size: int) -> None:
+    if not isinstance(WT, torch.Tensor) or WT.dim() != 2 or not WT.is_floating_point():
+        raise ValueError("WT must be a 2-D floating-point tensor [in_features, out_features]")
+    _check_segments(segments, WT.shape[1])
+    if isinstance(patterns, (str, bytes)) or not isinstance(patterns, Sequence) or len(patterns) != len(segments):
+        raise ValueError(f"patterns must hold one pattern per segment ({len(segments)}), got {patterns!r}")
+    for pattern in patterns:
+        if isinstance(pattern, tuple):
+            masks.check_pattern(pattern, WT.shape[0])
+        else:
+            masks.check_sparsity(pattern)
+    _check_block_size(patterns, block_size)
+
+
+@torch.no_grad()
+def prune_columns(WT: torch.Tensor, U: torch.Tensor, patterns: Sequence[Pattern], segments: Sequence[int],
+                  block_size: int = 128) -> torch.Tensor:
+    r"""SparseGPT's column loop (Alg. 1): at the start of every group of columns, choose which of their
+    weights to prune from the OBS error :math:`\varepsilon_{ij} = w_{ij}^2 / U_{jj}^2` of the weights as
+    updated so far (adaptive mask selection, §3.2; every ``block_size`` columns, or every M for N:M,
+    §3.3), then zero the pruned weights of each column and compensate on the columns after it
+    (:func:`refimpl.obs.compensate_columns`).
+
+    Args:
+        WT: :math:`W^\top` ``[in, out]``, float32; updated in place.
+        U: the upper Cholesky factor of the dampened :math:`H^{-1}`
+            (:func:`refimpl.obs.upper_cholesky_of_inverse`).
+        patterns, segments: the rows of :math:`W` (columns of ``WT``) in consecutive segments of
+            ``segments[k]`` rows, pruned to ``patterns[k]``: a fraction of the weights, compared over the
+            segment's rows (as in the authors' code), or ``(N, M)``, per row.
+        block_size: columns per lazy update and per unstructured mask selection (:math:`B = B_s`).
+
+    Returns:
+        :math:`(M \odot \hat W)^\top` ``[in, out]``; its zeros are the mask.
+    """
+    _check_columns(WT, patterns, segments, block_size)
+    n_in = WT.shape[0]
     u_diagonal = U.diagonal()  # [in]
-    WT = W.T.contiguous()  # [in, out]
     keep_t = torch.ones_like(WT, dtype=torch.bool)  # [in, out], the mask, transposed like WT
     runs = _runs(patterns, segments)
 
@@ -90,8 +129,16 @@ def _prune(weight: torch.Tensor, hessian_matrix: torch.Tensor, patterns: Sequenc
                                                    for part in error.split(sizes, dim=1)], dim=1)
         torch.mul(w, keep_t[i], out=out)
 
-    QT = obs.compensate_columns(WT, U, block_size, prune_column)  # [in, out]
-    return QT.T.contiguous()
+    return obs.compensate_columns(WT, U, block_size, prune_column)  # [in, out]
+
+
+def _prune(weight: torch.Tensor, hessian_matrix: torch.Tensor, patterns: Sequence[Pattern], segments: Sequence[int],
+           block_size: int, damp: float) -> torch.Tensor:
+    """SparseGPT on ``weight [out, in]`` whose rows are ``segments`` (row counts) sharing ``H``, each
+    segment pruned to its own pattern (:func:`prune_columns`)."""
+    W, H = obs.prepare(weight, hessian_matrix)  # float32 [out, in], [in, in]
+    U = obs.upper_cholesky_of_inverse(obs.dampen(H, damp))  # H^-1 = U^T U
+    return prune_columns(W.T.contiguous(), U, patterns, segments, block_size).T.contiguous()  # [out, in]
 
 
 @torch.no_grad()
@@ -120,8 +167,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian_matrix: torch.Tensor, sparsity
     pattern = nm if nm is not None else float(sparsity)
     _check_loop([pattern], block_size, damp)
     segments = [n_out] if segments is None else list(segments)
-    if any(not isinstance(s, int) or s < 1 for s in segments) or sum(segments) != n_out:
-        raise ValueError(f"segments must be positive row counts summing to out_features ({n_out}), got {segments}")
+    _check_segments(segments, n_out)
     return _prune(weight, hessian_matrix, [pattern] * len(segments), segments, block_size, damp)
 
 

@@ -35,6 +35,33 @@ def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor
     return weight.detach().abs().float() * input_norm.float()  # [out, in] * [in] broadcast over rows
 
 
+def _check_mask_args(weight: torch.Tensor, stats: calibration.InputStatistics, sparsity: float,
+                     nm: tuple[int, int] | None, scope: str) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError("weight must be a 2-D tensor [out_features, in_features]")
+    if not isinstance(stats, calibration.InputStatistics):
+        raise TypeError(f"stats must be calibration.InputStatistics, got {type(stats).__name__}")
+    masks.check_sparsity(sparsity)
+    masks.check_pattern(nm, weight.shape[1])
+    check_choice("scope", scope, ("row", "layer"))
+
+
+def wanda_mask(weight: torch.Tensor, stats: calibration.InputStatistics, sparsity: float,
+               nm: tuple[int, int] | None = None, scope: str = "row") -> torch.Tensor:
+    """Wanda's mask for ``weight [out, in]`` given the statistics of its calibration inputs :math:`X`:
+    the scores :math:`S_{ij}` (Eq. 1, :func:`wanda_scores`) with :math:`\\lVert X_j \\rVert_2` the
+    square root of the diagonal of :math:`X^\\top X`, the lowest fraction ``sparsity`` of every output
+    row removed (§3; of the whole layer with ``scope="layer"``), or with ``nm = (N, M)`` the N highest of
+    every M consecutive inputs of a row kept.
+
+    Returns:
+        ``BoolTensor [out, in]``, true for the weights kept.
+    """
+    _check_mask_args(weight, stats, sparsity, nm, scope)
+    input_norm = stats.gram.diagonal().sqrt()  # ||X_j||_2 over the calibration tokens, [in]
+    return masks.mask(wanda_scores(weight, input_norm), sparsity, nm, scope)
+
+
 @torch.no_grad()
 @restores_on_error("model")
 def prune_model_wanda(model: torch.nn.Module, blocks: torch.Tensor | None, sparsity: float,
@@ -59,6 +86,5 @@ def prune_model_wanda(model: torch.nn.Module, blocks: torch.Tensor | None, spars
     check_choice("scope", scope, ("row", "layer"))
     for _, _, linears, stats in calibration.statistics_by_layer(model, blocks, statistics, batch_size):
         for name, linear in linears.items():
-            input_norm = stats[name].gram.diagonal().sqrt()  # ||X_j||_2 over the calibration tokens, [in]
-            linear.weight.mul_(masks.mask(wanda_scores(linear.weight, input_norm), sparsity, nm, scope))
+            linear.weight.mul_(wanda_mask(linear.weight, stats[name], sparsity, nm, scope))
     return model

@@ -62,6 +62,21 @@ def _quantize_scaled(weight: torch.Tensor, scales: torch.Tensor, bits: int, symm
     return uniform.dequantize(uniform.quantize(scaled, grid), grid, scaled.shape) / scales, grid
 
 
+def _check_search(weights: list[torch.Tensor], stats: calibration.InputStatistics, n_grid: int) -> None:
+    if not isinstance(stats, calibration.InputStatistics):
+        raise TypeError(f"stats must be calibration.InputStatistics, got {type(stats).__name__}")
+    n_in = stats.mean_abs.numel()
+    if not weights or not all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in weights):
+        raise ValueError("weights must be a non-empty list of 2-D weights [out, in]")
+    if any(w.shape[1] != n_in for w in weights):
+        raise ValueError(f"every weight must have in_features = {n_in} (the width of the inputs in stats)")
+    check_positive_int("n_grid", n_grid)
+    check_finite("stats.mean_abs", stats.mean_abs)  # NaN errors would all lose: a silent alpha = 0 (RTN)
+    check_finite("stats.gram", stats.gram)
+    for i, w in enumerate(weights):
+        check_finite(f"weights[{i}]", w)
+
+
 def search_scales(
     weights: list[torch.Tensor],
     stats: calibration.InputStatistics,
@@ -70,7 +85,9 @@ def search_scales(
     group_size: int | None = 64,
     n_grid: int = 20,
 ) -> tuple[torch.Tensor, float, list[float]]:
-    """Grid-search :math:`\\alpha` for linear layers that share one input.
+    """Grid-search :math:`\\alpha` for linear layers that share one input (§3.2, Eq. 5): the scales
+    :math:`s = s_X^\\alpha` whose :math:`Q(W \\mathrm{diag}(s))\\, \\mathrm{diag}(s)^{-1}` changes the layers'
+    outputs least, summed over the layers.
 
     Args:
         weights: the ``[out_i, in]`` weights of the layers reading that input (one shared scale).
@@ -84,18 +101,7 @@ def search_scales(
         ``(scales [in], best_alpha, errors)``: the scales (float16-representable), the chosen
         exponent, and the summed output error for every :math:`\\alpha` of the grid.
     """
-    if not isinstance(stats, calibration.InputStatistics):
-        raise TypeError(f"stats must be calibration.InputStatistics, got {type(stats).__name__}")
-    n_in = stats.mean_abs.numel()
-    if not weights or not all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in weights):
-        raise ValueError("weights must be a non-empty list of 2-D weights [out, in]")
-    if any(w.shape[1] != n_in for w in weights):
-        raise ValueError(f"every weight must have in_features = {n_in} (the width of the inputs in stats)")
-    check_positive_int("n_grid", n_grid)
-    check_finite("stats.mean_abs", stats.mean_abs)  # NaN errors would all lose: a silent alpha = 0 (RTN)
-    check_finite("stats.gram", stats.gram)
-    for i, w in enumerate(weights):
-        check_finite(f"weights[{i}]", w)
+    _check_search(weights, stats, n_grid)
     activation_scale = stats.mean_abs.clamp_min(1e-8)  # s_X: mean |x| per input channel, [in]
     gram = stats.gram  # X^T X [in, in]
     weights = [w.detach().float() for w in weights]

@@ -17,9 +17,9 @@ and GPTQ's three steps make this fast and stable (§4): quantize columns in a fi
 rows at once; apply updates lazily in blocks of ``block_size`` columns (Alg. 1); and take the rows
 needed from the upper Cholesky factor of :math:`H^{-1}`, after dampening :math:`H` by
 :math:`\lambda \cdot \mathrm{mean}(\mathrm{diag}\,H)` (Step 3). That loop is shared with SparseGPT
-(:mod:`refimpl.obs`); what GPTQ adds is the rounding of each column to its grid. The optional
-*act-order* heuristic quantizes columns in order of decreasing :math:`H_{qq}` (largest activations
-first).
+(:mod:`refimpl.obs`); what GPTQ adds is the rounding of each column to its grid
+(:func:`quantize_columns`). The optional *act-order* heuristic quantizes columns in order of
+decreasing :math:`H_{qq}` (largest activations first).
 
 The quantization grid is :mod:`refimpl.quantization.uniform`'s: per output channel, or per group of
 ``group_size`` input columns. Without act-order a group's scale is computed when the column loop
@@ -45,6 +45,70 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
     """:math:`H = 2 X X^\\top / n` from layer inputs ``x: [n_tokens, in_features]``;
     the average over tokens keeps the scale independent of the calibration set's size."""
     return calibration.InputStatistics.from_inputs(x).hessian()  # [in, in]
+
+
+def _check_columns(WT: torch.Tensor, order: list[int], bits: int, group_size: int | None,
+                   grids: dict[int, uniform.QParams]) -> None:
+    uniform.check_bits(bits)
+    if not isinstance(WT, torch.Tensor) or WT.dim() != 2 or not WT.is_floating_point():
+        raise ValueError("WT must be a 2-D floating-point tensor [in_features, out_features]")
+    n_in = WT.shape[0]
+    if not isinstance(order, list) or sorted(order) != list(range(n_in)):
+        raise ValueError(f"order must be a list holding every column index 0 .. {n_in - 1} once")
+    if not isinstance(grids, dict):
+        raise TypeError(f"grids must be a dict of uniform.QParams by group, got {type(grids).__name__}")
+    if group_size is None:
+        if 0 not in grids:
+            raise ValueError("grids must hold the per-channel grid under key 0 when group_size is None")
+        return
+    check_positive_int("group_size", group_size)
+    if n_in % group_size:
+        raise ValueError(f"group_size {group_size} must divide in_features ({n_in})")
+    missing = [g for g in range(0, n_in, group_size) if g not in grids]
+    if missing and order != list(range(n_in)):
+        raise ValueError(f"grids must hold every group's grid when order is not 0, 1, 2, ... (a group's grid is "
+                         f"computed on the way only when its columns come together), missing {missing[:5]}")
+
+
+@torch.no_grad()
+def quantize_columns(WT: torch.Tensor, U: torch.Tensor, order: list[int], bits: int, symmetric: bool,
+                     group_size: int | None, grids: dict[int, uniform.QParams],
+                     block_size: int = 128) -> tuple[torch.Tensor, dict[int, uniform.QParams]]:
+    r"""GPTQ's column loop (Alg. 1): round every column of :math:`W` to its grid, one at a time, and
+    compensate each rounding error :math:`w_q - \mathrm{quant}(w_q)` on the columns not yet quantized
+    (Eq. 2-3, in :func:`refimpl.obs.compensate_columns`).
+
+    Args:
+        WT: :math:`W^\top` ``[in, out]``, float32, its rows in the order the columns are quantized;
+            updated in place.
+        U: the upper Cholesky factor of the dampened :math:`H^{-1}`, in the same order
+            (:func:`refimpl.obs.upper_cholesky_of_inverse`).
+        order: ``order[i]``, the column of the original weight that row ``i`` of ``WT`` holds.
+        bits, symmetric: the uniform grid (2-8 bits; absmax or zero-point).
+        group_size: inputs per scale, in groups of consecutive original columns; ``None`` for one scale
+            per output channel.
+        grids: grids fixed beforehand, by the first original column of their group (``0`` for the
+            per-channel grid); not modified. A group missing here gets its grid when the loop reaches its
+            first column, from the weights as updated so far (this needs ``order`` to be ``0, 1, 2, ...``).
+        block_size: columns per lazy batch update (Alg. 1's :math:`B`).
+
+    Returns:
+        ``(QT, grids)``: :math:`\mathrm{quant}(W)^\top` ``[in, out]`` (dequantized values) and the grid
+        of every group, the given ones and those computed on the way.
+    """
+    _check_columns(WT, order, bits, group_size, grids)
+    grids = dict(grids)
+    qmin, qmax = uniform.code_range(bits, symmetric)
+
+    def quantize_column(i: int, w: torch.Tensor, q: torch.Tensor) -> None:
+        group = 0 if group_size is None else order[i] - order[i] % group_size  # by its first original column
+        if group not in grids:  # entering a new group: its scale from the updated weights, one per row
+            grids[group] = uniform.compute_qparams(WT[i : i + group_size].T, bits, symmetric, "channel", None,
+                                                   uniform.WEIGHT_SCALE_DTYPE)
+        scale, zero = grids[group].scale[:, 0], grids[group].zero_point[:, 0]  # [out]
+        torch.div(w, scale, out=q).round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)  # nearest grid point
+
+    return obs.compensate_columns(WT, U, block_size, quantize_column), grids  # [in, out]
 
 
 @torch.no_grad()
@@ -102,27 +166,12 @@ def gptq_quantize(
     if act_order:
         W, H = W[:, perm], H[perm][:, perm]  # columns in the order they are quantized
     U = obs.upper_cholesky_of_inverse(obs.dampen(H, damp))  # H^-1 = U^T U: row q of U holds the update coefficients
-    WT = W.T.contiguous()  # [in, out]
-    qmin, qmax = uniform.code_range(bits, symmetric)
-    order = perm.tolist()
-    current = {"scale": fixed[0].scale[:, 0], "zero": fixed[0].zero_point[:, 0]} if group_size is None else {}  # [out]
-
-    def quantize_column(i: int, w: torch.Tensor, q: torch.Tensor) -> None:
-        column = order[i]  # the column's index in the original weight
-        if group_size is not None and (act_order or column % group_size == 0):
-            group = column - column % group_size
-            if not act_order:  # entering a new group: its scale from the updated weights
-                fixed[group] = params_for(WT[i : i + group_size].T)
-            current["scale"], current["zero"] = fixed[group].scale[:, 0], fixed[group].zero_point[:, 0]
-        scale, zero = current["scale"], current["zero"]  # [out]: round w to the nearest grid point, into q
-        torch.div(w, scale, out=q).round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
-
-    QT = obs.compensate_columns(WT, U, block_size, quantize_column)  # [in, out]
+    QT, grids = quantize_columns(W.T.contiguous(), U, perm.tolist(), bits, symmetric, group_size, fixed, block_size)
     Q = QT.T.contiguous()  # [out, in]
     if group_size is None:
-        grid = fixed[0]
+        grid = grids[0]
     else:  # one [out, 1] scale per group -> [out, n_groups, 1], the shape of uniform.grouped
-        groups = [fixed[g] for g in range(0, n_in, group_size)]
+        groups = [grids[g] for g in range(0, n_in, group_size)]
         grid = uniform.QParams(torch.stack([p.scale for p in groups], dim=1),
                                torch.stack([p.zero_point for p in groups], dim=1), bits, symmetric, "group", group_size)
     return (Q[:, torch.argsort(perm)] if act_order else Q).to(torch.float32), grid  # original column order
