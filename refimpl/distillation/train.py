@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refimpl import calibration, data
+from refimpl import anatomy, data
 from refimpl._validation import (check_causal_lm, check_choice, check_finite, check_non_negative_int,
                                  check_positive_int, check_token_ids)
 from refimpl.distillation import losses
@@ -468,7 +468,7 @@ def influence_student_recipe(teacher: "PreTrainedModel", tokenizer: "PreTrainedT
     """
     check_causal_lm("teacher", teacher)
     check_positive_int("n_layers", n_layers)
-    n_teacher = len(calibration.decoder_layers(teacher))
+    n_teacher = len(anatomy.decoder_layers(teacher))
     if n_layers > n_teacher:
         raise ValueError(f"n_layers must be at most the teacher's {n_teacher} layers, got {n_layers}")
     device = model_device(teacher)
