@@ -18,7 +18,8 @@ it, and only one layer's activations are in memory at once.
 
 It works for Hugging Face decoders that keep their blocks in ``model.model.layers`` (Llama, Mistral,
 Qwen, SmolLM2, ...): the arguments the model passes to its first block (attention mask, rotary
-embeddings, positions) are recorded once and reused for every block.
+embeddings, positions) are recorded once and reused for every block (:func:`first_layer_inputs`, also
+for a method that walks the layers itself, such as ZeroQuant's layer-wise distillation).
 
 Most methods need only a few statistics of :math:`X`, not :math:`X` itself: the Gram matrix
 :math:`X^\\top X` (from which GPTQ's Hessian and any layer's output error
@@ -36,6 +37,7 @@ from typing import Any, Iterator
 
 import torch
 
+from refimpl import anatomy
 from refimpl._validation import check_finite, check_positive_int, check_token_ids, vocabulary_size
 from refimpl.runtime import progress
 
@@ -58,19 +60,23 @@ class _StopForward(Exception):
     """Raised by the hook on the first decoder layer once its inputs are recorded."""
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder blocks of a Hugging Face causal LM (``model.model.layers``)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
-        raise TypeError("model must be a Hugging Face decoder with its blocks in model.model.layers")
-    return layers
+def check_blocks(blocks: torch.Tensor, batch_size: int = 8, model: torch.nn.Module | None = None) -> None:
+    """Calibration token ``blocks`` must be a non-empty ``LongTensor [n_blocks, seq_len]`` of ids in
+    ``model``'s vocabulary (when given) and ``batch_size`` a positive int."""
+    check_token_ids("blocks", blocks, vocabulary_size(model))
+    check_positive_int("batch_size", batch_size)
 
 
 @torch.no_grad()
-def _first_layer_inputs(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int
-                        ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-    """Run the model up to its first decoder layer on each batch: ``(hidden_states, kwargs)`` per batch."""
-    first = decoder_layers(model)[0]
+def first_layer_inputs(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8
+                       ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """What the first decoder layer receives on the calibration ``blocks``, batch by batch:
+    ``(hidden_states [batch, seq_len, hidden], kwargs)`` per batch of ``batch_size`` blocks, the
+    keyword arguments (attention mask, rotary embeddings, positions) without the cache. The model runs
+    only up to that layer; it is not modified. Feed the states to the layers in order to walk the
+    model layer by layer (:func:`layerwise`; ZeroQuant's layer-wise distillation)."""
+    check_blocks(blocks, batch_size, model)
+    first = anatomy.decoder_layers(model)[0]
     device = next(model.parameters()).device
     recorded: list[tuple[torch.Tensor, dict[str, Any]]] = []
 
@@ -92,13 +98,6 @@ def _first_layer_inputs(model: torch.nn.Module, blocks: torch.Tensor, batch_size
     return recorded
 
 
-def check_blocks(blocks: torch.Tensor, batch_size: int = 8, model: torch.nn.Module | None = None) -> None:
-    """Calibration token ``blocks`` must be a non-empty ``LongTensor [n_blocks, seq_len]`` of ids in
-    ``model``'s vocabulary (when given) and ``batch_size`` a positive int."""
-    check_token_ids("blocks", blocks, vocabulary_size(model))
-    check_positive_int("batch_size", batch_size)
-
-
 def layerwise(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8,
               skip: tuple[str, ...] = ()) -> Iterator[LayerCapture]:
     """Walk the decoder layers in order, yielding each with the inputs of its linear layers.
@@ -116,13 +115,11 @@ def layerwise(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8,
     Raises ``ValueError`` when a layer's inputs hold NaN or Inf (activations that overflow), before
     that layer is yielded.
     """
-    check_blocks(blocks, batch_size, model)
-    layers = decoder_layers(model)
-    states = _first_layer_inputs(model, blocks, batch_size)
+    states = first_layer_inputs(model, blocks, batch_size)  # checks blocks and batch_size first
+    layers = anatomy.decoder_layers(model)
     for index in progress(range(len(layers)), desc="calibration", total=len(layers)):
         layer = layers[index]
-        linears = {name: m for name, m in layer.named_modules()
-                   if isinstance(m, torch.nn.Linear) and not any(s in name for s in skip)}
+        linears = anatomy.linears(layer, skip)
         inputs: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
         handles = [m.register_forward_pre_hook(
             lambda module, args, name=name: inputs[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).float()))
@@ -136,10 +133,10 @@ def layerwise(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8,
                 handle.remove()
         captured = {name: torch.cat(xs) for name, xs in inputs.items()}  # [n_tokens, in_features] each
         for name, x in captured.items():  # activations that overflowed would make every statistic NaN
-            check_finite(f"the inputs of model.layers.{index}.{name} on these blocks", x)
+            check_finite(f"the inputs of {anatomy.layer_name(index, name)} on these blocks", x)
         yield LayerCapture(index, layer, linears, captured, blocks.shape[1])
         with torch.no_grad():  # the layer may have changed: its outputs feed the next layer
-            states = [(layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
+            states = [(anatomy.layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
 
 
 @dataclass
@@ -223,7 +220,7 @@ def input_statistics(model: torch.nn.Module, blocks: torch.Tensor, batch_size: i
     input of each layer). Captures of two token sets combine with :func:`combine_statistics`."""
     stats = {}
     for capture in layerwise(model, blocks, batch_size, skip):
-        stats.update({f"model.layers.{capture.index}.{name}": s for name, s in layer_statistics(capture).items()})
+        stats.update({anatomy.layer_name(capture.index, name): s for name, s in layer_statistics(capture).items()})
     return stats
 
 
@@ -260,16 +257,11 @@ def statistics_by_layer(model: torch.nn.Module, blocks: torch.Tensor | None = No
         for capture in layerwise(model, blocks, batch_size):
             yield capture.index, capture.layer, capture.linears, layer_statistics(capture)
         return
-    layers = decoder_layers(model)
-    missing = [f"model.layers.{i}.{name}" for i, layer in enumerate(layers) for name, m in layer.named_modules()
-               if isinstance(m, torch.nn.Linear) and f"model.layers.{i}.{name}" not in statistics]
+    layers = anatomy.decoder_layers(model)
+    missing = [anatomy.layer_name(i, name) for i, layer in enumerate(layers) for name in anatomy.linears(layer)
+               if anatomy.layer_name(i, name) not in statistics]
     if missing:
         raise ValueError(f"statistics has no entry for {missing[0]} (and {len(missing) - 1} more layers)")
     for i, layer in enumerate(progress(layers, desc="layers", total=len(layers))):
-        linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-        yield i, layer, linears, {name: statistics[f"model.layers.{i}.{name}"] for name in linears}
-
-
-def layer_output(output: Any) -> torch.Tensor:
-    """A decoder layer returns its hidden states, alone or first in a tuple (older transformers)."""
-    return output[0] if isinstance(output, tuple) else output
+        linears = anatomy.linears(layer)
+        yield i, layer, linears, {name: statistics[anatomy.layer_name(i, name)] for name in linears}

@@ -70,7 +70,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from refimpl import calibration, data, evaluate, reproducibility, runtime, training
+from refimpl import anatomy, calibration, data, evaluate, reproducibility, runtime, training
 from refimpl._rollback import private_copy
 from refimpl._validation import check_token_ids, vocabulary_size
 from refimpl.attention import gqa
@@ -385,7 +385,7 @@ def _depth(model: nn.Module, ctx: Context) -> nn.Module:
 def _kv_group(model: nn.Module, ctx: Context) -> nn.Module:
     from refimpl.pruning import structured
 
-    n_kv = evaluate.attention_shape(model.config).n_kv_heads
+    n_kv = anatomy.attention_shape(model.config).n_kv_heads
     if n_kv < 2:
         raise RowSkipped(f"the model has {n_kv} key-value group: none can be removed")
     ctx.notes.append(f"{n_kv - 1} of {n_kv} key-value groups kept")
@@ -441,15 +441,15 @@ def _restore_zeros(model: nn.Module, keep: dict[str, torch.Tensor]) -> None:
         layer = model.get_submodule(name)
         weight = layer.dequantized_weight() * kept  # [out, in]
         replacements[name] = packed.QuantizedLinear.from_linear(
-            packed.linear_from_weight(weight, layer.bias), layer.bits, layer.symmetric, layer.granularity,
+            anatomy.linear_from_weight(weight, layer.bias), layer.bits, layer.symmetric, layer.granularity,
             layer.group_size, qparams=layer.qparams(), weight=weight)
-    packed.swap_linears(model, replacements)
+    anatomy.swap_linears(model, replacements)
 
 
 def _sparsegpt_gptq(model: nn.Module, ctx: Context) -> nn.Module:
     """SparseGPT 50 %, then GPTQ 4-bit calibrated on the pruned model; the pruned weights stay zero."""
     model = _sparsegpt(model, ctx, None)
-    keep = {name: linear.weight != 0 for name, linear in masks.decoder_linears(model).items()}
+    keep = {name: linear.weight != 0 for name, linear in anatomy.compressed_linears(model).items()}
     model = _gptq(model, ctx, statistics=None)
     _restore_zeros(model, keep)
     return model

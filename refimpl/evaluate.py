@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from refimpl._validation import (as_device, check_non_negative_int, check_positive_int, check_token_ids,
                                  vocabulary_size)
+from refimpl.anatomy import attention_shape
 from refimpl.runtime import progress, time_calls
 
 
@@ -153,31 +154,6 @@ def parameter_count(model: torch.nn.Module) -> int:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
-
-
-@dataclass(frozen=True)
-class AttentionShape:
-    """What sizes the KV cache of a decoder: layers, key/value heads and their dimension."""
-
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-
-
-def attention_shape(config: Any) -> AttentionShape:
-    """Read the attention sizes from a Hugging Face config (Llama-style names, with the usual
-    defaults: as many KV heads as query heads, ``head_dim = hidden_size / n_heads``)."""
-    missing = [a for a in ("num_hidden_layers", "num_attention_heads", "hidden_size") if not hasattr(config, a)]
-    if missing:
-        raise ValueError(f"config must describe a decoder with attention; it lacks {missing}")
-    n_heads = config.num_attention_heads
-    return AttentionShape(
-        n_layers=config.num_hidden_layers,
-        n_heads=n_heads,
-        n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // n_heads,
-    )
 
 
 def kv_cache_bytes(config: Any, seq_len: int, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from refimpl import anatomy
 from refimpl._rollback import restores_on_error
 from refimpl._validation import check_linear_input, check_positive_int
-from refimpl.quantization import packed
 
 # The attention and MLP projections of a Llama-style decoder layer.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -116,7 +116,7 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets: tuple[s
     adapters = {name: LoRALinear(m, r, alpha) for name, m in layers.items()}
     for p in model.parameters():
         p.requires_grad_(False)
-    packed.swap_linears(model, adapters)
+    anatomy.swap_linears(model, adapters)
     for adapter in adapters.values():
         adapter.lora_A.requires_grad_(True)
         adapter.lora_B.requires_grad_(True)
@@ -163,7 +163,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
             weight = _base_weight(m.base).float() + (0 if m.merged else m.delta_weight().float())
             bias = getattr(m.base, "bias", None)
             dtype = m.base.weight.dtype if isinstance(m.base, nn.Linear) else torch.float32
-            replacements[name] = packed.linear_from_weight(weight, bias, dtype)
+            replacements[name] = anatomy.linear_from_weight(weight, bias, dtype)
     if not replacements:
         raise ValueError("model has no LoRALinear layer to merge")
-    return packed.swap_linears(model, replacements)
+    return anatomy.swap_linears(model, replacements)

@@ -66,6 +66,28 @@ def test_bad_blocks_are_rejected(tiny_llama, blocks, error, match):
         next(calibration.layerwise(tiny_llama, blocks))
 
 
+def test_first_layer_inputs_are_the_embeddings_batch_by_batch(tiny_llama):
+    blocks = torch.randint(0, 128, (5, 12), generator=torch.Generator().manual_seed(0))
+    before = {name: p.clone() for name, p in tiny_llama.state_dict().items()}
+    states = calibration.first_layer_inputs(tiny_llama, blocks, batch_size=2)
+    assert len(states) == 3  # batches of 2, 2 and 1 blocks
+    for (hidden, kwargs), batch in zip(states, blocks.split(2)):
+        assert torch.equal(hidden, tiny_llama.model.embed_tokens(batch))  # [batch, seq_len, hidden]
+        assert not {"past_key_values", "past_key_value", "use_cache", "hidden_states"} & set(kwargs)
+    assert all(torch.equal(p, before[name]) for name, p in tiny_llama.state_dict().items())
+
+
+@pytest.mark.parametrize("model, blocks, batch_size, error, match", [
+    (None, torch.zeros(2, 8), 8, TypeError, "blocks must be a LongTensor"),
+    (None, torch.full((1, 4), 128), 8, ValueError, "vocabulary"),
+    (None, torch.zeros(1, 4, dtype=torch.long), 0, ValueError, "batch_size must be a positive int"),
+    (torch.nn.Linear(4, 4), torch.zeros(1, 4, dtype=torch.long), 8, TypeError, "model.model.layers"),
+])
+def test_first_layer_inputs_validate(tiny_llama, model, blocks, batch_size, error, match):
+    with pytest.raises(error, match=match):
+        calibration.first_layer_inputs(tiny_llama if model is None else model, blocks, batch_size)
+
+
 def test_models_without_decoder_layers_are_rejected():
     with pytest.raises(TypeError, match="model.model.layers"):
         next(calibration.layerwise(torch.nn.Linear(4, 4), torch.zeros(1, 4, dtype=torch.long)))

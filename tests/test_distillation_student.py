@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from tiny import make_tiny_llama
-from refimpl import calibration
+from refimpl import anatomy
 from refimpl.distillation import student as st
 
 
@@ -37,7 +37,7 @@ def test_kept_layers_are_copies_of_the_teachers_and_the_config_follows():
     before = copy.deepcopy(teacher.state_dict())
     student = st.layer_subset_student(teacher, keep=[0, 2, 4])
     assert student.config.num_hidden_layers == 3 and teacher.config.num_hidden_layers == 5
-    teacher_layers, student_layers = calibration.decoder_layers(teacher), calibration.decoder_layers(student)
+    teacher_layers, student_layers = anatomy.decoder_layers(teacher), anatomy.decoder_layers(student)
     for new, old in enumerate((0, 2, 4)):
         assert student_layers[new].self_attn.layer_idx == new
         for (name, a), (_, b) in zip(student_layers[new].named_parameters(), teacher_layers[old].named_parameters()):
@@ -59,7 +59,7 @@ def test_the_student_is_the_teacher_without_its_dropped_layers():
     student = st.layer_subset_student(teacher, n_layers=3)  # layers 0, 2, 4
     skipping = copy.deepcopy(teacher)
     for i in (1, 3):  # a dropped layer passes its input through
-        calibration.decoder_layers(skipping)[i].register_forward_hook(lambda module, args, output: args[0])
+        anatomy.decoder_layers(skipping)[i].register_forward_hook(lambda module, args, output: args[0])
     with torch.no_grad():
         torch.testing.assert_close(student(tokens).logits, skipping(tokens).logits)
         assert not torch.allclose(student(tokens).logits, teacher(tokens).logits)
@@ -119,7 +119,7 @@ def test_bad_keep_is_rejected_and_the_teacher_untouched(keep, message):
     teacher = _teacher()
     with pytest.raises(ValueError, match=message):
         st.layer_subset_student(teacher, keep=keep)
-    assert teacher.config.num_hidden_layers == 5 and len(calibration.decoder_layers(teacher)) == 5
+    assert teacher.config.num_hidden_layers == 5 and len(anatomy.decoder_layers(teacher)) == 5
 
 
 def test_other_bad_arguments():

@@ -25,7 +25,7 @@ from torch import nn
 
 import refimpl
 from tiny import make_tiny_llama
-from refimpl import _rollback, calibration, evaluate, lora, models, tradeoffs, training
+from refimpl import _rollback, anatomy, calibration, evaluate, lora, models, tradeoffs, training
 from refimpl.attention import gqa
 from refimpl.attention.decoder import Decoder
 from refimpl.decoding.generate import Sampling, generate
@@ -193,7 +193,7 @@ FAILS_HALF_WAY: dict[str, Case] = {
     "gqa-convert": _case(_packed_layer_1, lambda m: gqa.convert_kv_heads(m, 1), AttributeError),
     "gqa-expand": _case(_packed_layer_1, lambda m: gqa.expand_kv_heads(m, 4), AttributeError),
     "merge-lora": _merge_case,  # every merged layer is built before the first swap
-    "swap-linears": _case(make_tiny_llama, lambda m: packed.swap_linears(m, {
+    "swap-linears": _case(make_tiny_llama, lambda m: anatomy.swap_linears(m, {
         "model.layers.0.mlp.up_proj": nn.Linear(64, 128), "model.layers.1.mlp.no_such_proj": nn.Linear(64, 128)}),
         AttributeError),
     # NaN scores: refused before anything changes (they were ranked first and kept)
@@ -227,14 +227,14 @@ def test_a_failure_half_way_leaves_the_model_whole(make):
 
 @pytest.fixture
 def swaps_then_fail(monkeypatch):
-    """Call it to make ``packed.swap_linears`` swap, then fail: every module swap of refimpl goes through it."""
-    swap = packed.swap_linears
+    """Call it to make ``anatomy.swap_linears`` swap, then fail: every module swap of refimpl goes through it."""
+    swap = anatomy.swap_linears
 
     def failing(model, replacements):
         swap(model, replacements)
         raise RuntimeError("injected failure after a module swap")
 
-    return lambda: monkeypatch.setattr(packed, "swap_linears", failing)
+    return lambda: monkeypatch.setattr(anatomy, "swap_linears", failing)
 
 
 SWAPS: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], Any]]] = {

@@ -193,15 +193,6 @@ def test_kv_cache_formula_matches_real_cache_tensors(tiny_llama):
     assert evaluate.cache_bytes(out.past_key_values) == expected == 2 * 2 * 2 * 16 * 11 * 3 * 4
 
 
-def test_attention_shape_defaults_and_errors():
-    from transformers import GPT2Config
-
-    shape = evaluate.attention_shape(GPT2Config(n_layer=2, n_head=4, n_embd=64))
-    assert (shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.head_dim) == (2, 4, 4, 16)
-    with pytest.raises(ValueError, match="config must describe a decoder"):
-        evaluate.attention_shape(object())
-
-
 def test_cache_bytes_rejects_non_caches():
     with pytest.raises(TypeError, match="past_key_values"):
         evaluate.cache_bytes([(torch.zeros(2), torch.zeros(2))])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tiny import make_tiny_llama
-from refimpl import calibration
+from refimpl import anatomy, calibration
 from refimpl.pruning import magnitude, masks, sparsegpt, wanda
 
 
@@ -125,7 +125,7 @@ def test_bad_scores_and_scope_are_rejected():
 @pytest.mark.parametrize("scope", ["layer", "row", "global"])
 def test_magnitude_prunes_the_requested_fraction(tiny_llama, scope):
     magnitude.prune_model_magnitude(tiny_llama, 0.6, scope=scope)
-    linears = masks.decoder_linears(tiny_llama).values()
+    linears = anatomy.compressed_linears(tiny_llama).values()
     if scope == "global":
         total = sum(m.weight.numel() for m in linears)
         assert sum(int((m.weight == 0).sum()) for m in linears) == round(0.6 * total)
@@ -139,12 +139,13 @@ def test_magnitude_prunes_the_requested_fraction(tiny_llama, scope):
 
 def test_global_magnitude_uses_one_threshold_and_breaks_ties_exactly(tiny_llama):
     with torch.no_grad():
-        for m in masks.decoder_linears(tiny_llama).values():  # a coarse grid: many equal magnitudes
+        for m in anatomy.compressed_linears(tiny_llama).values():  # a coarse grid: many equal magnitudes
             m.weight.copy_((m.weight * 50).round() / 50)
     dense = copy.deepcopy(tiny_llama)
     magnitude.prune_model_magnitude(tiny_llama, 0.5, scope="global")
     kept, removed = [], []
-    for (name, m), original in zip(masks.decoder_linears(tiny_llama).items(), masks.decoder_linears(dense).values()):
+    for (name, m), original in zip(anatomy.compressed_linears(tiny_llama).items(),
+                                   anatomy.compressed_linears(dense).values()):
         kept.append(original.weight[m.weight != 0].abs())
         removed.append(original.weight[m.weight == 0].abs())
     kept, removed = torch.cat(kept), torch.cat(removed)
@@ -156,7 +157,8 @@ def test_global_magnitude_uses_one_threshold_and_breaks_ties_exactly(tiny_llama)
 def test_magnitude_nm_keeps_exactly_the_n_largest_of_every_m(tiny_llama):
     dense = copy.deepcopy(tiny_llama)
     magnitude.prune_model_magnitude(tiny_llama, 0.0, nm=(2, 4))
-    for (name, m), original in zip(masks.decoder_linears(tiny_llama).items(), masks.decoder_linears(dense).values()):
+    for (name, m), original in zip(anatomy.compressed_linears(tiny_llama).items(),
+                                   anatomy.compressed_linears(dense).values()):
         groups = m.weight.reshape(m.out_features, -1, 4)
         kept = groups != 0
         assert (kept.sum(dim=2) == 2).all(), name
@@ -226,11 +228,11 @@ def test_model_wanda_matches_the_layer_rule_and_prunes_per_row(tiny_llama):
     blocks = torch.randint(0, 128, (3, 16))
     statistics = calibration.input_statistics(tiny_llama, blocks)
     expected = {}
-    for name, m in masks.decoder_linears(tiny_llama).items():
+    for name, m in anatomy.compressed_linears(tiny_llama).items():
         scores = wanda.wanda_scores(m.weight, statistics[name].gram.diagonal().sqrt())
         expected[name] = m.weight * masks.unstructured_mask(scores, 0.5)
     wanda.prune_model_wanda(tiny_llama, None, 0.5, statistics=statistics)
-    for name, m in masks.decoder_linears(tiny_llama).items():
+    for name, m in anatomy.compressed_linears(tiny_llama).items():
         assert torch.equal(m.weight, expected[name])
         assert ((m.weight == 0).sum(dim=1) == m.in_features // 2).all()
 
@@ -240,7 +242,7 @@ def test_model_wanda_layer_by_layer_and_nm(tiny_llama):
     once = copy.deepcopy(tiny_llama)
     wanda.prune_model_wanda(tiny_llama, blocks, 0.0, nm=(4, 8))
     wanda.prune_model_wanda(once, None, 0.0, nm=(4, 8), statistics=calibration.input_statistics(once, blocks))
-    for name, m in masks.decoder_linears(tiny_llama).items():
+    for name, m in anatomy.compressed_linears(tiny_llama).items():
         assert ((m.weight.reshape(m.out_features, -1, 8) != 0).sum(dim=2) <= 4).all()
         if name.startswith("model.layers.0."):  # the first layer sees the same inputs either way
             assert torch.equal(m.weight, once.get_submodule(name).weight)
@@ -360,7 +362,7 @@ def test_model_sparsegpt_prunes_every_layer_in_place(tiny_llama):
         sparsegpt.prune_model_sparsegpt(tiny_llama, blocks, 0.5, nm=(2, 6))
     assert all(torch.equal(t, before[name]) for name, t in tiny_llama.state_dict().items())
     assert sparsegpt.prune_model_sparsegpt(tiny_llama, blocks, 0.5, block_size=32) is tiny_llama
-    for name, m in masks.decoder_linears(tiny_llama).items():
+    for name, m in anatomy.compressed_linears(tiny_llama).items():
         assert (m.weight == 0).sum() == m.in_features // 32 * round(0.5 * 32 * m.out_features), name  # per block
     assert torch.isfinite(tiny_llama(blocks).logits).all()
 
@@ -378,7 +380,7 @@ def test_sparsegpt_copies_equal_one_run_per_setting(tiny_llama):
         nm = setting if isinstance(setting, tuple) else None
         alone = sparsegpt.prune_model_sparsegpt(copy.deepcopy(tiny_llama), None, 0.0 if nm else setting, nm=nm,
                                                 block_size=32, statistics=statistics)
-        for (name, a), b in zip(masks.decoder_linears(alone).items(), masks.decoder_linears(pruned).values()):
+        for (name, a), b in zip(anatomy.compressed_linears(alone).items(), anatomy.compressed_linears(pruned).values()):
             assert torch.equal(a.weight == 0, b.weight == 0), (setting, name)
             torch.testing.assert_close(b.weight, a.weight, rtol=1e-4, atol=1e-5)
     assert masks.sparsity_of(copies[0]) == pytest.approx(0.25, abs=0.01)
@@ -409,9 +411,10 @@ def test_sparsity_of_counts_the_zeros_of_packed_layers_too():
     model = make_tiny_llama()
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.zero_()
-    linears = masks.decoder_linears(model).values()
+    linears = anatomy.compressed_linears(model).values()
     dense = masks.sparsity_of(model)
     assert dense == model.model.layers[0].mlp.up_proj.weight.numel() / sum(m.weight.numel() for m in linears)
     packed_model = packed.pack_model(model, 8, group_size=64)
-    assert not masks.decoder_linears(packed_model)  # no nn.Linear left: every weight is packed
+    with pytest.raises(ValueError, match="no nn.Linear"):  # nothing left to prune: every weight is packed
+        anatomy.compressed_linears(packed_model)
     assert masks.sparsity_of(packed_model) >= dense

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refimpl import calibration
+from refimpl import anatomy, calibration
 from refimpl.quantization import awq, packed, uniform
 
 
@@ -79,7 +79,7 @@ def test_model_awq_shares_scales_among_layers_reading_one_input(tiny_llama):
     alphas = {}
     assert awq.quantize_model_awq(tiny_llama, blocks, bits=3, group_size=16, alphas=alphas) is tiny_llama
     # per decoder layer: {q,k,v}, o, {gate,up}, down
-    assert sorted(alphas) == sorted(f"model.layers.{i}.{n}" for i in range(2)
+    assert sorted(alphas) == sorted(anatomy.layer_name(i, n) for i in range(2)
                                     for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"))
     changed = {n for n, p in tiny_llama.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {n for n in before if n.endswith("proj.weight")}

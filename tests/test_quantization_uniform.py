@@ -108,6 +108,18 @@ def test_bad_inputs_are_rejected(x, error, match):
         uniform.fake_quantize(x, 4)
 
 
+@pytest.mark.parametrize("x, error, match", [
+    (torch.tensor([[1.0, float("nan")]]), ValueError, "keys holds NaN or Inf"),
+    (torch.ones(2, 2, dtype=torch.int32), TypeError, "keys must be a floating-point tensor"),
+    (torch.tensor(1.0), ValueError, "keys must be a non-empty tensor with at least one dimension"),
+    ("1.0", TypeError, "keys must be a torch.Tensor"),
+])
+def test_check_input_names_the_parameter(x, error, match):
+    uniform.check_input(torch.randn(2, 3), "keys")  # a finite floating-point tensor passes
+    with pytest.raises(error, match=match):
+        uniform.check_input(x, "keys")
+
+
 def test_qparams_must_fit_the_input():
     qparams = uniform.compute_qparams(torch.randn(4, 16), 4)
     with pytest.raises(ValueError, match="qparams do not fit"):

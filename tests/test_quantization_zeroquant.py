@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from refimpl import anatomy
 from refimpl.quantization import activation, uniform, zeroquant
 from refimpl.quantization.activation import ActivationQuantizedLinear
 
@@ -45,7 +46,7 @@ def test_group_wise_beats_per_row_at_4_bits(tiny_llama):
     """One large weight per row coarsens the grid of its whole row, but only of its own group."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, linear in uniform.quantizable_linears(tiny_llama).items():
+        for name, linear in anatomy.compressed_linears(tiny_llama).items():
             rows = torch.arange(linear.out_features)
             linear.weight[rows, torch.randint(0, linear.in_features, (linear.out_features,), generator=g)] *= 10
         reference = tiny_llama(BLOCKS).logits

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from refimpl._validation import check_layer_indices, check_non_negative_int, check_token_ids
+from refimpl.anatomy import attention_shape
 from refimpl.attention.kv_cache import KVCache, ModelKVCache, cached_attention, rope_frequencies
-from refimpl.evaluate import attention_shape
 
 
 def rope_theta(config: Any) -> float:

@@ -39,7 +39,7 @@ from torch import nn
 from refimpl import data, training
 from refimpl._rollback import restores_on_error
 from refimpl._validation import check_positive_int
-from refimpl.evaluate import attention_shape
+from refimpl.anatomy import attention_shape, linear_from_weight
 from refimpl.training import TrainConfig, TrainLog
 
 # --- the attention core ---------------------------------------------------------------------------
@@ -140,17 +140,6 @@ def _attention_modules(model: Any) -> list[nn.Module]:
     return [layer.self_attn for layer in layers]
 
 
-def _linear_like(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """A new ``nn.Linear`` holding ``weight [out, in]`` and ``bias``, on ``linear``'s device and dtype."""
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
-                    dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias)
-    return new.train(linear.training)
-
-
 def _regroup_kv_heads(model: Any, n_kv_heads: int,
                       regroup: Callable[[torch.Tensor, int], torch.Tensor]) -> Any:
     """Replace every layer's ``k_proj``/``v_proj`` by ``regroup`` of its per-head output rows
@@ -166,7 +155,7 @@ def _regroup_kv_heads(model: Any, n_kv_heads: int,
             bias = None
             if linear.bias is not None:
                 bias = regroup(linear.bias.detach().view(shape.n_kv_heads, shape.head_dim), n_kv_heads).reshape(-1)
-            setattr(attn, name, _linear_like(linear, weight, bias))
+            setattr(attn, name, linear_from_weight(weight, bias).train(linear.training))
         attn.num_key_value_groups = shape.n_heads // n_kv_heads
         if hasattr(attn, "num_key_value_heads"):  # older transformers versions keep it on the module
             attn.num_key_value_heads = n_kv_heads

@@ -55,8 +55,8 @@ import torch
 from torch import nn
 
 from refimpl._validation import as_device, check_non_negative_int, check_positive_int
+from refimpl.anatomy import attention_shape
 from refimpl.attention import gqa
-from refimpl.evaluate import attention_shape
 
 # --- RoPE -----------------------------------------------------------------------------------------
 

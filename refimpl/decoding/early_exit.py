@@ -62,10 +62,10 @@ from torch import nn
 from refimpl import runtime
 from refimpl._validation import (check_choice, check_logits, check_non_negative_int, check_positive_int,
                                  check_token_ids)
+from refimpl.anatomy import attention_shape
 from refimpl.attention.decoder import Decoder, rms_norm
 from refimpl.attention.kv_cache import KVCache, ModelKVCache, apply_rope
 from refimpl.decoding.generate import check_prompt, check_stop_tokens
-from refimpl.evaluate import attention_shape
 
 CONFIDENCE_MEASURES = ("softmax_response", "hidden_state_saturation")
 P_VALUES = ("hoeffding", "hoeffding_bentkus")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
-from refimpl import calibration
+from refimpl import anatomy
 from refimpl import data as corpora
 from refimpl._validation import check_causal_lm, check_choice, check_finite, check_positive_int, check_token_ids
 from refimpl.distillation import losses, train
@@ -204,7 +204,7 @@ def influence_student_recipe(teacher: "PreTrainedModel", tokenizer: "PreTrainedT
     """
     check_causal_lm("teacher", teacher)
     check_positive_int("n_layers", n_layers)
-    n_teacher = len(calibration.decoder_layers(teacher))
+    n_teacher = len(anatomy.decoder_layers(teacher))
     if n_layers > n_teacher:
         raise ValueError(f"n_layers must be at most the teacher's {n_teacher} layers, got {n_layers}")
     device = model_device(teacher)

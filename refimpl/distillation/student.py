@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 
-from refimpl import calibration
+from refimpl import anatomy
 from refimpl._rollback import private_copy
 from refimpl._validation import check_layer_indices, check_positive_int
 from refimpl.pruning import structured
@@ -79,7 +79,7 @@ def layer_subset_student(teacher: "PreTrainedModel", keep: Sequence[int] | None 
     Returns:
         the student, in eval mode, on the teacher's device and dtype, with gradients enabled.
     """
-    n_teacher = len(calibration.decoder_layers(teacher))
+    n_teacher = len(anatomy.decoder_layers(teacher))
     if (keep is None) == (n_layers is None):
         raise ValueError("give exactly one of keep (layer indices) and n_layers (a count)")
     keep = evenly_spaced(n_teacher, n_layers) if keep is None else check_layer_indices(keep, n_teacher)

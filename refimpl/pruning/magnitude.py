@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from refimpl import anatomy
 from refimpl._rollback import restores_on_error
 from refimpl._validation import check_choice
 from refimpl.pruning import masks
@@ -50,7 +51,7 @@ def prune_model_magnitude(model: torch.nn.Module, sparsity: float, scope: str = 
     check_choice("scope", scope, ("layer", "row", "global"))
     if scope == "global" and nm is not None:
         raise ValueError("scope='global' compares across layers; N:M sparsity is per group of M: pass one of them")
-    linears = masks.decoder_linears(model)
+    linears = anatomy.compressed_linears(model)
     if scope == "global":
         keep = _global_masks({name: m.weight for name, m in linears.items()}, sparsity)
     else:

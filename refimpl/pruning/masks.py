@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from refimpl import calibration
+from refimpl import anatomy
 from refimpl._validation import check_finite, check_non_negative_int, check_positive_int
 
 
@@ -98,19 +98,13 @@ def mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, scop
     return nm_mask(scores, nm) if nm is not None else unstructured_mask(scores, sparsity, scope)
 
 
-def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The linear layers of the decoder layers by full name (``"model.layers.3.mlp.up_proj"``): what
-    pruning prunes. The embedding and the output layer (tied to it in SmolLM2) are left dense."""
-    return {f"model.layers.{i}.{name}": m for i, layer in enumerate(calibration.decoder_layers(model))
-            for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-
-
 def check_model(model: torch.nn.Module, sparsity: float, nm: tuple[int, int] | None) -> None:
-    """Check the arguments against every layer to be pruned (finite weights, M dividing the input
+    """Check the arguments against every layer to be pruned, the
+    :func:`~refimpl.anatomy.compressed_linears` of ``model`` (finite weights, M dividing the input
     features), so that a method fails before it changes the first layer."""
     check_sparsity(sparsity)
     check_pattern(nm)
-    for name, linear in decoder_linears(model).items():
+    for name, linear in anatomy.compressed_linears(model).items():
         if nm is not None and linear.in_features % nm[1]:
             raise ValueError(f"nm: M ({nm[1]}) must divide the input features of {name} ({linear.in_features})")
         if not torch.isfinite(linear.weight).all():
@@ -122,7 +116,7 @@ def sparsity_of(model: torch.nn.Module) -> float:
     layer that stores its weight packed (a quantized layer with ``dequantized_weight``) counts with the
     weight it computes with."""
     zeros = total = 0
-    for layer in calibration.decoder_layers(model):
+    for layer in anatomy.decoder_layers(model):
         for module in layer.modules():
             if hasattr(module, "dequantized_weight"):
                 weight = module.dequantized_weight()  # [out, in]

@@ -30,7 +30,7 @@ from typing import Sequence, Union
 
 import torch
 
-from refimpl import calibration, obs
+from refimpl import anatomy, calibration, obs
 from refimpl._rollback import restores_on_error
 from refimpl._validation import check_positive_int
 from refimpl.pruning import masks
@@ -244,9 +244,8 @@ def sparsegpt_copies(model: torch.nn.Module, settings: Sequence[Pattern],
     if not isinstance(statistics, dict):
         raise ValueError("statistics must be the dict of calibration.input_statistics(...) of the dense model")
     copies = [copy.deepcopy(model) for _ in settings]
-    layers = [calibration.decoder_layers(c) for c in copies]
+    layers = [anatomy.decoder_layers(c) for c in copies]
     for i, _, _, stats in calibration.statistics_by_layer(model, None, statistics):
-        linears = [{name: m for name, m in copy_layers[i].named_modules() if isinstance(m, torch.nn.Linear)}
-                   for copy_layers in layers]
+        linears = [anatomy.linears(copy_layers[i]) for copy_layers in layers]
         _prune_layer(linears, patterns, stats, block_size, damp)
     return copies

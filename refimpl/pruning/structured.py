@@ -40,10 +40,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from refimpl import calibration, evaluate, lora, training
+from refimpl import anatomy, calibration, evaluate, lora, training
 from refimpl._rollback import restores_on_error
 from refimpl._validation import check_finite, check_layer_indices, check_positive_int
-from refimpl.quantization import packed
 
 
 @dataclass
@@ -59,14 +58,6 @@ class Importance:
         """``[L, n_kv_heads]``: a key-value group's own score plus those of the query heads it serves."""
         n_layers, n_kv = self.kv_heads.shape
         return self.kv_heads + self.heads.reshape(n_layers, n_kv, -1).sum(dim=2)
-
-
-def _attention_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(query heads, key-value heads, head dimension) from ``model.config``."""
-    config = model.config
-    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    return n_heads, n_kv, head_dim
 
 
 def _per_structure(layer: nn.Module, per_weight: dict[str, torch.Tensor], n_heads: int,
@@ -88,7 +79,7 @@ def _per_structure(layer: nn.Module, per_weight: dict[str, torch.Tensor], n_head
 
 
 def _check_layers(model: nn.Module) -> list[nn.Module]:
-    layers = list(calibration.decoder_layers(model))
+    layers = list(anatomy.decoder_layers(model))
     for i, layer in enumerate(layers):
         for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
@@ -106,9 +97,8 @@ def taylor_importance(model: nn.Module, blocks: torch.Tensor, batch_size: int = 
     are unchanged; its ``.grad`` tensors are cleared. Scores come back on the CPU."""
     calibration.check_blocks(blocks, batch_size, model)
     layers = _check_layers(model)
-    n_heads, n_kv, _ = _attention_shape(model)
-    weights = {(i, name): m.weight for i, layer in enumerate(layers) for name, m in layer.named_modules()
-               if isinstance(m, nn.Linear)}
+    attention = anatomy.attention_shape(model.config)
+    weights = {(i, name): m.weight for i, layer in enumerate(layers) for name, m in anatomy.linears(layer).items()}
     was_training = model.training
     try:
         model.eval()
@@ -124,7 +114,7 @@ def taylor_importance(model: nn.Module, blocks: torch.Tensor, batch_size: int = 
         per_layer = []
         for i, layer in enumerate(layers):
             scores = {name: (w.grad * w).abs().float() for (j, name), w in weights.items() if j == i}
-            heads, kv_heads, channels = _per_structure(layer, scores, n_heads, n_kv)
+            heads, kv_heads, channels = _per_structure(layer, scores, attention.n_heads, attention.n_kv_heads)
             per_layer.append((heads, kv_heads, channels, sum(s.sum() for s in scores.values())))
     finally:
         for p in model.parameters():
@@ -141,7 +131,8 @@ def activation_importance(model: nn.Module, blocks: torch.Tensor, batch_size: in
     :math:`1 - \\mathbb{E}_t \\cos(x_{\\ell,t}, x_{\\ell+1,t})` (ShortGPT Eq. 1). Scores come back on the CPU."""
     calibration.check_blocks(blocks, batch_size, model)
     layers = _check_layers(model)
-    n_heads, n_kv, head_dim = _attention_shape(model)
+    attention = anatomy.attention_shape(model.config)
+    n_heads, n_kv, head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
     squares = {(i, name): 0.0 for i in range(len(layers)) for name in ("self_attn.o_proj", "mlp.down_proj")}
     cosines = [0.0] * len(layers)
     handles = []
@@ -154,7 +145,7 @@ def activation_importance(model: nn.Module, blocks: torch.Tensor, batch_size: in
     def record_influence(i):
         def hook(module, args, kwargs, output):  # cosine of every token's hidden state before and after the layer
             hidden = args[0] if args else kwargs["hidden_states"]
-            similarity = torch.cosine_similarity(hidden.float(), calibration.layer_output(output).float(), dim=-1)
+            similarity = torch.cosine_similarity(hidden.float(), anatomy.layer_output(output).float(), dim=-1)
             cosines[i] += similarity.sum().item()
         return hook
 
@@ -213,7 +204,8 @@ def prune_structured(model: nn.Module, importance: Importance, intermediate_size
         tensors is held during the call).
     """
     layers = _check_layers(model)
-    n_heads, n_kv, head_dim = _attention_shape(model)
+    attention = anatomy.attention_shape(model.config)
+    n_heads, n_kv, head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
     intermediate = model.config.intermediate_size
     if not isinstance(importance, Importance):
         raise TypeError(f"importance must be an Importance, got {type(importance).__name__}")
@@ -238,7 +230,7 @@ def prune_structured(model: nn.Module, importance: Importance, intermediate_size
         weight = linear.weight if rows is None else linear.weight[rows.to(device)]  # [out', in]
         weight = weight if cols is None else weight[:, cols.to(device)]  # [out', in']
         bias = None if linear.bias is None else (linear.bias if rows is None else linear.bias[rows.to(device)])
-        return packed.linear_from_weight(weight, bias)
+        return anatomy.linear_from_weight(weight, bias)
 
     def head_rows(heads: torch.Tensor) -> torch.Tensor:  # head indices -> their rows (or columns), [k * head_dim]
         return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
@@ -259,7 +251,7 @@ def prune_structured(model: nn.Module, importance: Importance, intermediate_size
                              "self_attn.k_proj": select(layer.self_attn.k_proj, rows=head_rows(groups)),
                              "self_attn.v_proj": select(layer.self_attn.v_proj, rows=head_rows(groups)),
                              "self_attn.o_proj": select(layer.self_attn.o_proj, cols=head_rows(heads))}
-        packed.swap_linears(layer, replacements)
+        anatomy.swap_linears(layer, replacements)
         layer.self_attn.num_key_value_groups = keep_per_group
         if hasattr(layer.mlp, "intermediate_size") and intermediate_size is not None:
             layer.mlp.intermediate_size = intermediate_size
@@ -281,7 +273,7 @@ def keep_layers(model: nn.Module, keep: Sequence[int]) -> nn.Module:
     Returns:
         ``model``. An error leaves it as it was (a copy of its tensors is held during the call).
     """
-    layers = calibration.decoder_layers(model)
+    layers = anatomy.decoder_layers(model)
     keep = check_layer_indices(keep, len(layers))
     model.model.layers = nn.ModuleList(layers[i] for i in keep)
     for new_index, layer in enumerate(model.model.layers):

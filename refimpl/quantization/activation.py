@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refimpl import calibration
+from refimpl import anatomy, calibration
 from refimpl._rollback import restores_on_error
 from refimpl._validation import check_choice, check_linear_input, check_positive_int
-from refimpl.quantization import packed, uniform
+from refimpl.quantization import uniform
 
 WEIGHT_GRANULARITIES = ("tensor", "channel", "group")
 ACT_GRANULARITIES = ("tensor", "token")
@@ -189,7 +189,7 @@ def quantize_model_w8a8(
     _check_optional_bits("a_bits", a_bits)
     check_choice("weight_granularity", weight_granularity, WEIGHT_GRANULARITIES)
     check_choice("act_granularity", act_granularity, ACT_GRANULARITIES)
-    linears = uniform.quantizable_linears(model, skip)
+    linears = anatomy.compressed_linears(model, skip)
     if w_bits is not None and weight_granularity == "group":
         check_positive_int("group_size", group_size)
         uniform.check_model_grid(model, w_bits, group_size, skip)
@@ -212,4 +212,4 @@ def quantize_model_w8a8(
                 absmax[name].max() if static else None, w_symmetric, a_symmetric)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
-    return packed.swap_linears(model, replacements)
+    return anatomy.swap_linears(model, replacements)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from refimpl import calibration
+from refimpl import anatomy, calibration
 from refimpl._rollback import restores_on_error
 from refimpl._validation import check_finite, check_positive_int
 from refimpl.quantization import packed, uniform
@@ -232,9 +232,9 @@ def quantize_model_awq(
                 quantized, grid = _quantize_scaled(linear.weight.float(), scales, bits, symmetric, group_size, max_abs)
                 linear.weight.copy_(quantized.to(linear.weight.dtype))
                 if pack:
-                    packed.swap_linears(layer, {name: packed.QuantizedLinear.from_linear(
+                    anatomy.swap_linears(layer, {name: packed.QuantizedLinear.from_linear(
                         linear, bits, symmetric, granularity, group_size, qparams=grid, input_scale=scales,
                         weight=quantized)})
             if alphas is not None:
-                alphas[f"model.layers.{index}.{members[0]}"] = alpha
+                alphas[anatomy.layer_name(index, members[0])] = alpha
     return model

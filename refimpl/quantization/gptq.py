@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from refimpl import calibration, obs
+from refimpl import anatomy, calibration, obs
 from refimpl._rollback import restores_on_error
 from refimpl._validation import check_positive_int
 from refimpl.quantization import packed, uniform
@@ -233,12 +233,12 @@ def quantize_model_gptq(
                 if errors is not None:
                     rtn = uniform.fake_quantize(original, bits, symmetric, granularity, group_size,
                                                 uniform.WEIGHT_SCALE_DTYPE)
-                    errors[f"model.layers.{index}.{name}"] = (
+                    errors[anatomy.layer_name(index, name)] = (
                         stats[name].output_error(rtn - original), stats[name].output_error(quantized - original))
                 linear.weight.copy_(quantized.to(linear.weight.dtype))
                 if pack:
                     own_grid = uniform.QParams(grid.scale[rows], grid.zero_point[rows], bits, symmetric, granularity,
                                                group_size)
-                    packed.swap_linears(layer, {name: packed.QuantizedLinear.from_linear(
+                    anatomy.swap_linears(layer, {name: packed.QuantizedLinear.from_linear(
                         linear, bits, symmetric, granularity, group_size, qparams=own_grid, weight=quantized)})
     return model

@@ -55,7 +55,7 @@ def _check_scheme(bits: int, key_group_size: int, residual: int) -> None:
 def _check_kv(x: torch.Tensor, param: str) -> None:
     if isinstance(x, torch.Tensor) and x.dim() != 4:
         raise ValueError(f"{param} must have shape [batch, kv_heads, seq, head_dim], got {tuple(x.shape)}")
-    uniform._check_input(x, param)  # a finite, non-empty floating-point tensor
+    uniform.check_input(x, param)
 
 
 def split_points(seq_len: int, key_group_size: int, residual: int) -> tuple[int, int]:

@@ -36,10 +36,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from refimpl import calibration
+from refimpl import anatomy, calibration
 from refimpl._rollback import restores_on_error
 from refimpl._validation import check_linear_input
-from refimpl.quantization import packed, uniform
+from refimpl.quantization import uniform
 
 OUTLIER_THRESHOLD = 6.0  # alpha, §3.2
 _EXACT_CHUNK = 2**24 // 128**2  # int8 products summed exactly in float32 (int8_matmul)
@@ -182,14 +182,14 @@ def quantize_model_int8(model: torch.nn.Module, threshold: float = OUTLIER_THRES
         ``model``, modified in place.
     """
     check_threshold(threshold)
-    linears = uniform.quantizable_linears(model, skip)
+    linears = anatomy.compressed_linears(model, skip)
     replacements = {}
     for name, linear in linears.items():
         try:
             replacements[name] = Int8Linear.from_linear(linear, threshold)
         except ValueError as exc:
             raise ValueError(f"layer {name}: {exc}") from None
-    return packed.swap_linears(model, replacements)
+    return anatomy.swap_linears(model, replacements)
 
 
 @dataclass(frozen=True)

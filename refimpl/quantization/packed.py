@@ -12,7 +12,7 @@ model are counted from what it really holds.
 
 The module swap follows gpt-fast: primitives (:func:`pack_codes`, :func:`unpack_codes`), a module
 built from an ``nn.Linear`` (:meth:`QuantizedLinear.from_linear`), and a swap over a model
-(:func:`swap_linears`, used by :func:`pack_model` and :func:`pack_model_code_book`).
+(:func:`pack_model` and :func:`pack_model_code_book`, through :func:`refimpl.anatomy.swap_linears`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from refimpl import anatomy
 from refimpl._rollback import restores_on_error
 from refimpl._validation import check_linear_input
 from refimpl.quantization import formats, uniform
@@ -258,36 +259,6 @@ class CodeBookLinear(torch.nn.Module):
 
 
 @torch.no_grad()
-def linear_from_weight(weight: torch.Tensor, bias: torch.Tensor | None = None,
-                       dtype: torch.dtype | None = None) -> torch.nn.Linear:
-    """A plain ``nn.Linear`` holding a copy of ``weight [out, in]`` (and ``bias [out]``), in ``dtype``
-    (default: the weight's), on the weight's device: what a converted, merged or pruned layer becomes."""
-    out_features, in_features = weight.shape
-    linear = torch.nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device,
-                             dtype=dtype or weight.dtype)
-    linear.weight.copy_(weight)
-    if bias is not None:
-        linear.bias.copy_(bias)
-    return linear
-
-
-def swap_linears(model: torch.nn.Module, replacements: dict[str, torch.nn.Module]) -> torch.nn.Module:
-    """Put each module of ``replacements`` (by full name) in place of the layer of that name, in place.
-    Every name is looked up before the first swap, so a wrong one (``AttributeError``) leaves ``model``
-    untouched; build all replacements before calling this, for the same reason."""
-    places = []
-    for name, module in replacements.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if not isinstance(getattr(parent, child, None), torch.nn.Module):
-            raise AttributeError(f"{type(model).__name__} has no module {name!r} to replace")
-        places.append((parent, child, module))
-    for parent, child, module in places:
-        setattr(parent, child, module)
-    return model
-
-
-@torch.no_grad()
 @restores_on_error("model")
 def pack_model(model: torch.nn.Module, bits: int, symmetric: bool = False, granularity: str = "group",
                group_size: int | None = 64, skip: tuple[str, ...] = ("lm_head",)) -> torch.nn.Module:
@@ -298,8 +269,9 @@ def pack_model(model: torch.nn.Module, bits: int, symmetric: bool = False, granu
     Returns:
         ``model``, modified in place.
     """
-    return swap_linears(model, {name: QuantizedLinear.from_linear(linear, bits, symmetric, granularity, group_size)
-                                for name, linear in uniform.quantizable_linears(model, skip).items()})
+    linears = anatomy.compressed_linears(model, skip)
+    return anatomy.swap_linears(model, {name: QuantizedLinear.from_linear(m, bits, symmetric, granularity, group_size)
+                                        for name, m in linears.items()})
 
 
 @torch.no_grad()
@@ -313,7 +285,7 @@ def packed_size(model: torch.nn.Module, bits: int, symmetric: bool = False, gran
     """
     from refimpl.evaluate import model_bytes
 
-    linears = uniform.quantizable_linears(model, skip)
+    linears = anatomy.compressed_linears(model, skip)
     by_shape: dict[tuple[int, int, bool], list[torch.nn.Linear]] = {}
     for linear in linears.values():
         by_shape.setdefault((linear.in_features, linear.out_features, linear.bias is not None), []).append(linear)
@@ -341,5 +313,6 @@ def pack_model_code_book(model: torch.nn.Module, code: torch.Tensor = formats.NF
     Returns:
         ``model``, modified in place.
     """
-    return swap_linears(model, {name: CodeBookLinear.from_linear(linear, code, blocksize, double_quant)
-                                for name, linear in uniform.quantizable_linears(model, skip).items()})
+    linears = anatomy.compressed_linears(model, skip)
+    return anatomy.swap_linears(model, {name: CodeBookLinear.from_linear(linear, code, blocksize, double_quant)
+                                        for name, linear in linears.items()})

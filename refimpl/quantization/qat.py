@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from refimpl import anatomy
 from refimpl._rollback import restores_on_error
 from refimpl._validation import (check_choice, check_linear_input, check_logits, check_non_negative_int,
                                  check_positive_int)
@@ -156,7 +157,7 @@ def prepare_qat(model: nn.Module, bits: int, symmetric: bool = False, granularit
     Returns:
         ``model``.
     """
-    linears = uniform.quantizable_linears(model, skip)
+    linears = anatomy.compressed_linears(model, skip)
     replacements = {}
     for name, linear in linears.items():
         try:
@@ -164,7 +165,7 @@ def prepare_qat(model: nn.Module, bits: int, symmetric: bool = False, granularit
                                                  a_bits)
         except ValueError as exc:
             raise ValueError(f"layer {name}: {exc}") from None
-    return packed.swap_linears(model, replacements)
+    return anatomy.swap_linears(model, replacements)
 
 
 @torch.no_grad()
@@ -186,8 +187,8 @@ def convert_qat(model: nn.Module, pack: bool = False) -> nn.Module:
     replacements = {}
     for name, m in layers.items():
         grid = m.qparams()
-        linear = packed.linear_from_weight(uniform.dequantize(uniform.quantize(m.weight, grid), grid, m.weight.shape),
-                                           m.bias, m.dtype)
+        linear = anatomy.linear_from_weight(uniform.dequantize(uniform.quantize(m.weight, grid), grid, m.weight.shape),
+                                            m.bias, m.dtype)
         if pack:
             replacements[name] = packed.QuantizedLinear.from_linear(linear, m.bits, m.symmetric, m.granularity,
                                                                     m.group_size, qparams=grid)
@@ -195,7 +196,7 @@ def convert_qat(model: nn.Module, pack: bool = False) -> nn.Module:
             replacements[name] = ActivationQuantizedLinear(linear, w_bits=None, a_bits=m.a_bits, act_granularity="token")
         else:
             replacements[name] = linear
-    return packed.swap_linears(model, replacements)
+    return anatomy.swap_linears(model, replacements)
 
 
 @torch.no_grad()

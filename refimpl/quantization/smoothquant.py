@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from refimpl import calibration
+from refimpl import anatomy, calibration
 from refimpl._rollback import restores_on_error
 from refimpl.quantization.activation import activation_absmax
 
@@ -93,7 +93,7 @@ def _smoothing_targets(model: nn.Module, pairs: dict[str, tuple[str, ...]]) -> l
     of ``pairs`` in every decoder layer; ``TypeError`` unless the model has that structure."""
     names = {id(m): n for n, m in model.named_modules()}
     targets = []
-    for layer in calibration.decoder_layers(model):
+    for layer in anatomy.decoder_layers(model):
         modules = dict(layer.named_modules())
         for producer_name, linear_names in pairs.items():
             producer, linears = modules.get(producer_name), [modules.get(n) for n in linear_names]

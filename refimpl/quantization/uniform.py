@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from refimpl import anatomy
 from refimpl._rollback import restores_on_error
 from refimpl._validation import check_choice, check_positive_int
 
@@ -79,7 +80,9 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
 
 
-def _check_input(x: torch.Tensor, param: str = "x") -> None:
+def check_input(x: torch.Tensor, param: str = "x") -> None:
+    """A value to quantize must be a non-empty floating-point tensor of finite values (``TypeError`` for
+    another type or dtype, ``ValueError`` for an empty, 0-dimensional or non-finite one); ``param`` names it."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{param} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -131,7 +134,7 @@ def compute_qparams(
     ``scale_dtype`` rounds the scales to the precision they will be stored in (e.g. float16), so that
     codes computed here are the ones a packed layer reproduces.
     """
-    _check_input(x)
+    check_input(x)
     check_bits(bits)
     _check_granularity(x, granularity, group_size)
     qmin, qmax = code_range(bits, symmetric)
@@ -154,7 +157,7 @@ def compute_qparams(
 def quantize(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
     """Integer codes ``clamp(round(x / s) + z, q_min, q_max)`` of ``x`` (int32, in the shape of
     ``grouped(x)``). Values outside the range ``qparams`` were made for saturate (static ranges)."""
-    _check_input(x)
+    check_input(x)
     if not isinstance(qparams, QParams):
         raise TypeError(f"qparams must be QParams, got {type(qparams).__name__}")
     _check_granularity(x, qparams.granularity, qparams.group_size)
@@ -191,23 +194,12 @@ def fake_quantize(
 # --- a whole model ------------------------------------------------------------------------------
 
 
-def quantizable_linears(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> dict[str, torch.nn.Linear]:
-    """The ``nn.Linear`` modules of ``model`` by name, except those whose name contains a ``skip``
-    entry (by default the output layer, which SmolLM2 ties to the input embedding). Raises
-    ``ValueError`` if there is none: every caller is about to quantize them."""
-    linears = {name: m for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and not any(s in name for s in skip)}
-    if not linears:
-        raise ValueError("model has no nn.Linear layer to quantize (after skip)")
-    return linears
-
-
 def check_model_grid(model: torch.nn.Module, bits: int, group_size: int | None,
                      skip: tuple[str, ...] = ("lm_head",)) -> None:
     """Check ``bits``, that ``group_size`` divides the inputs of every linear layer to be quantized and
     that their weights are finite, so that a method can fail before it changes the first layer."""
     check_bits(bits)
-    for name, linear in quantizable_linears(model, skip).items():
+    for name, linear in anatomy.compressed_linears(model, skip).items():
         if group_size is not None and linear.in_features % group_size:
             raise ValueError(f"group_size {group_size} must divide in_features of {name} ({linear.in_features})")
         if not torch.isfinite(linear.weight).all():
@@ -236,11 +228,11 @@ def quantize_model_rtn(
     Returns:
         ``model``, modified in place.
     """
-    linears = quantizable_linears(model, skip)
+    linears = anatomy.compressed_linears(model, skip)
     check_bits(bits)
     check_choice("granularity", granularity, ("tensor", "channel", "group"))
     for name, linear in linears.items():
-        _check_input(linear.weight, f"weight of {name}")
+        check_input(linear.weight, f"weight of {name}")
         _check_granularity(linear.weight, granularity, group_size)
     for linear in linears.values():
         linear.weight.copy_(fake_quantize(linear.weight, bits, symmetric, granularity, group_size, WEIGHT_SCALE_DTYPE))

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from refimpl import calibration
+from refimpl import anatomy, calibration
 from refimpl._rollback import restores_on_error
 from refimpl._validation import check_positive_int
 from refimpl.quantization.activation import ActivationQuantizedLinear, quantize_model_w8a8, straight_through
@@ -97,20 +97,19 @@ def layerwise_distill(model_fp: nn.Module, model_q: nn.Module, blocks: torch.Ten
     check_positive_int("steps", steps)
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
         raise ValueError(f"lr must be a positive number, got {lr!r}")
-    layers_fp, layers_q = calibration.decoder_layers(model_fp), calibration.decoder_layers(model_q)
+    layers_fp, layers_q = anatomy.decoder_layers(model_fp), anatomy.decoder_layers(model_q)
     if len(layers_fp) != len(layers_q):
         raise TypeError(f"model_fp has {len(layers_fp)} decoder layers, model_q {len(layers_q)}")
     pairs = [_paired_linears(f, q) for f, q in zip(layers_fp, layers_q)]  # check all layers first
-    calibration.check_blocks(blocks, batch_size, model_fp)
-    states = calibration._first_layer_inputs(model_fp, blocks, batch_size)  # [(hidden [b, t, d], kwargs)]
+    states = calibration.first_layer_inputs(model_fp, blocks, batch_size)  # [(hidden [b, t, d], kwargs)]
     losses = []
     for index, (fp_layer, q_layer, layer_pairs) in enumerate(zip(layers_fp, layers_q, pairs)):
         with torch.no_grad():  # the teacher's outputs L_k(...L_1(X)): targets here, inputs of layer k + 1
-            targets = [calibration.layer_output(fp_layer(hidden, **kwargs)) for hidden, kwargs in states]
+            targets = [anatomy.layer_output(fp_layer(hidden, **kwargs)) for hidden, kwargs in states]
 
         def layer_mse() -> float:
             with torch.no_grad():
-                return sum(F.mse_loss(calibration.layer_output(q_layer(h, **kw)), t, reduction="sum").item()
+                return sum(F.mse_loss(anatomy.layer_output(q_layer(h, **kw)), t, reduction="sum").item()
                            for (h, kw), t in zip(states, targets)) / sum(t.numel() for t in targets)
 
         before = layer_mse()
@@ -125,7 +124,7 @@ def layerwise_distill(model_fp: nn.Module, model_q: nn.Module, blocks: torch.Ten
             optimizer = torch.optim.Adam(latents, lr=lr)
             for step in range(steps):
                 (hidden, kwargs), target = states[step % len(states)], targets[step % len(states)]
-                loss = F.mse_loss(calibration.layer_output(q_layer(hidden, **kwargs)), target)
+                loss = F.mse_loss(anatomy.layer_output(q_layer(hidden, **kwargs)), target)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"the LKD loss of layer {index} is {loss.item()} at step {step}")
                 grads = torch.autograd.grad(loss, latents)  # only the latents: no .grad left on the model
