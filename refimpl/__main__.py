@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {"effects": ("refimpl.effects", "every method applied to one model and measured: one table"),
+COMMANDS = {"effects": ("refimpl.effects.cli", "every method applied to one model and measured: one table"),
             "bench": ("refimpl.bench.run", "GPU benchmarks of kernels and decoding against the bandwidth roofline")}
 
 

@@ -47,7 +47,7 @@ def measured(records: Sequence[Record]) -> dict[str, Record]:
     """``{row id: record}`` of the rows measured (``status == "ok"``), in table order; the table must
     hold the ``dense`` baseline."""
     if isinstance(records, (str, bytes)) or not isinstance(records, Sequence):
-        raise TypeError(f"records must be a sequence of table rows (effects.read_table), got {type(records).__name__}")
+        raise TypeError(f"records must be a sequence of table rows (refimpl.effects.table.read_table), got {type(records).__name__}")
     table: dict[str, Record] = {}
     for r in records:
         if r.get("status") == "ok":

@@ -4,18 +4,21 @@ protocol; the slow test recomputes a sample of the committed table on the real m
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tiny import CharTokenizer, make_tiny_llama
-from refimpl import data, effects, reproducibility, taxonomy
+from refimpl import data, reproducibility, taxonomy
+from refimpl.effects import check, cli, context, key, measure, protocol, registry, run, table
 
-TINY = effects.Protocol(eval_seq_len=32, eval_n_blocks=2, eval_use=2, ptq_calibration=(64, 2),
+TINY = protocol.Protocol(eval_seq_len=32, eval_n_blocks=2, eval_use=2, ptq_calibration=(64, 2),
                         pruning_calibration=(64, 2), importance_tokens=32, prefill_tokens=16, decode_prompt=8,
                         decode_tokens=2, timing_rounds=1, timing_warmup_rounds=0)
 COMMITTED = Path(__file__).resolve().parent.parent / "results" / "effects"
@@ -45,7 +48,7 @@ def full_run(tiny, cache, tmp_path_factory):
     """Every row on the tiny model, once: (out folder, returned records, the model's state before)."""
     out = tmp_path_factory.mktemp("effects")
     before = {name: t.clone() for name, t in tiny[0].state_dict().items()}
-    records = effects.run_effects(out, tiny, model_name="tiny-llama", protocol=TINY, command=["test"])
+    records = run.run_effects(out, tiny, model_name="tiny-llama", protocol=TINY, command=["test"])
     return out, records, before
 
 
@@ -59,56 +62,57 @@ def _by_row(records):
 def test_registry_covers_every_implemented_method():
     methods = taxonomy.load().methods
     implemented = {m.id for m in methods if m.status == "implemented"}
-    in_rows = {m for row in effects.ROWS for m in row.methods}
+    in_rows = {m for row in registry.ROWS for m in row.methods}
     assert in_rows <= implemented, f"rows name methods that are not implemented: {in_rows - implemented}"
-    assert not in_rows & set(effects.NOT_A_ROW), "a method is both a row and listed as not a row"
-    missing = implemented - in_rows - set(effects.NOT_A_ROW)
+    assert not in_rows & set(registry.NOT_A_ROW), "a method is both a row and listed as not a row"
+    missing = implemented - in_rows - set(registry.NOT_A_ROW)
     assert not missing, f"implemented methods neither in a row nor in NOT_A_ROW: {sorted(missing)}"
-    assert set(effects.NOT_A_ROW) <= {m.id for m in methods}, "NOT_A_ROW names a method the taxonomy lacks"
-    assert len(set(effects.ROW_IDS)) == len(effects.ROWS)
-    assert effects.ROWS[0].id == "dense"
-    for row in effects.ROWS:
-        assert all(part in effects.FAMILIES for part in row.family.split("+")), row.id
+    assert set(registry.NOT_A_ROW) <= {m.id for m in methods}, "NOT_A_ROW names a method the taxonomy lacks"
+    assert len(set(registry.ROW_IDS)) == len(registry.ROWS)
+    assert registry.ROWS[0].id == "dense"
+    for row in registry.ROWS:
+        assert all(part in registry.FAMILIES for part in row.family.split("+")), row.id
         assert row.settings and row.evaluated and row.kernel, row.id
         assert row.combination == ("+" in row.family), row.id
-    assert set(effects.DEFAULT_CHECK_ROWS) <= set(effects.ROW_IDS)
-    for i, row in enumerate(effects.ROWS):
-        assert set(row.reuses) <= set(effects.ROW_IDS[:i]), f"{row.id} reuses a row that does not come before it"
+    assert set(registry.DEFAULT_CHECK_ROWS) <= set(registry.ROW_IDS)
+    for i, row in enumerate(registry.ROWS):
+        if row.starts_from is not None:
+            assert row.starts_from in registry.ROWS[:i], f"{row.id} starts from a row that does not come before it"
 
 
 def test_a_reused_step_is_made_once(tiny, cache):
     model, tokenizer = tiny
-    ctx = effects.Context(model, tokenizer, "tiny-llama", TINY)
-    ctx.keep_for_reuse = {"sparsegpt-50"}
-    rows = {row.id: row for row in effects.ROWS}
-    alone = effects.measure_row(rows["sparsegpt-50"], ctx, timing=False)
-    assert set(ctx._models) == {"sparsegpt-50"}
-    joint = effects.measure_row(rows["sparsegpt-50+gptq-w4g64"], ctx, timing=False)
+    ctx = context.Context(model, tokenizer, "tiny-llama", TINY)
+    ctx.keep = {"sparsegpt-50"}
+    by_row = {row.id: row for row in registry.ROWS}
+    alone = measure.measure_row(by_row["sparsegpt-50"], ctx, timing=False)
+    assert set(ctx.kept) == {"sparsegpt-50"}
+    joint = measure.measure_row(by_row["sparsegpt-50+gptq-w4g64"], ctx, timing=False)
     assert joint["apply_s"] > alone["apply_s"] and joint["calibration_s"] > alone["calibration_s"]
-    fresh = effects.Context(model, tokenizer, "tiny-llama", TINY)  # nothing kept: made again, the same result
-    assert effects.measure_row(rows["sparsegpt-50+gptq-w4g64"], fresh, timing=False)["ppl_shakespeare"] == \
+    fresh = context.Context(model, tokenizer, "tiny-llama", TINY)  # nothing kept: made again, the same result
+    assert measure.measure_row(by_row["sparsegpt-50+gptq-w4g64"], fresh, timing=False)["ppl_shakespeare"] == \
         joint["ppl_shakespeare"]
-    assert fresh._models == {}
+    assert fresh.kept == {}
 
 
 def test_list_names_every_row_and_every_excluded_method(capsys):
-    assert effects.main(["--list"]) == 0
+    assert cli.main(["--list"]) == 0
     listed = capsys.readouterr().out
-    for row_id in effects.ROW_IDS:
+    for row_id in registry.ROW_IDS:
         assert row_id in listed
-    for method_id in effects.NOT_A_ROW:
+    for method_id in registry.NOT_A_ROW:
         assert method_id in listed
-    from refimpl import __main__ as cli
+    from refimpl import __main__ as commands
 
-    assert cli.main(["effects", "--list"]) == 0
+    assert commands.main(["effects", "--list"]) == 0
     assert "gptq-w4g64" in capsys.readouterr().out
-    assert cli.main(["nonsense"]) == 2
+    assert commands.main(["nonsense"]) == 2
     assert "effects" in capsys.readouterr().err
 
 
 def test_select_rows_by_row_taxonomy_id_or_family():
-    ids = lambda methods: [r.id for r in effects.select_rows(methods)]  # noqa: E731
-    assert ids(None) == list(effects.ROW_IDS)
+    ids = lambda methods: [r.id for r in registry.select_rows(methods)]  # noqa: E731
+    assert ids(None) == list(registry.ROW_IDS)
     assert ids("gptq") == ["dense", "gptq-w4g64"]  # a taxonomy id selects single-method rows only
     assert ids("magnitude-pruning") == ["dense", "magnitude-50", "magnitude-2of4"]
     assert ids(["architecture", "mqa+kv-int8"]) == ["dense", "mqa", "mqa+kv-int8"]
@@ -118,9 +122,9 @@ def test_select_rows_by_row_taxonomy_id_or_family():
 @pytest.mark.parametrize("methods", ["foo", "gptq,nonsense", ""])
 def test_unknown_method_names_the_valid_ones(methods, tmp_path, capsys):
     with pytest.raises(ValueError, match="gptq-w4g64" if methods else "empty"):
-        effects.select_rows(methods)
+        registry.select_rows(methods)
     with pytest.raises(SystemExit):
-        effects.main(["--methods", methods, "--out", str(tmp_path / "out")])
+        cli.main(["--methods", methods, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert "valid row ids" in err or "empty" in err
     assert not (tmp_path / "out").exists()  # nothing written before the arguments are checked
@@ -129,9 +133,9 @@ def test_unknown_method_names_the_valid_ones(methods, tmp_path, capsys):
 @pytest.mark.parametrize("device", ["tpu", "cuda:x", "meta"])
 def test_bad_device_is_rejected(device, tmp_path, capsys):
     with pytest.raises(ValueError, match="device"):
-        effects.run_effects(tmp_path / "out", "smollm2-135m", device=device)
+        run.run_effects(tmp_path / "out", "smollm2-135m", device=device)
     with pytest.raises(SystemExit):
-        effects.main(["--device", device, "--out", str(tmp_path / "out")])
+        cli.main(["--device", device, "--out", str(tmp_path / "out")])
     assert device in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -140,14 +144,14 @@ def test_bad_out_is_rejected(tmp_path, tiny, capsys):
     a_file = tmp_path / "table.csv"
     a_file.write_text("not a folder")
     with pytest.raises(ValueError, match="is a file"):
-        effects.run_effects(a_file, tiny, methods="dense", protocol=TINY)
+        run.run_effects(a_file, tiny, methods="dense", protocol=TINY)
     with pytest.raises(SystemExit):
-        effects.main(["--out", str(a_file)])
+        cli.main(["--out", str(a_file)])
     assert "is a file" in capsys.readouterr().err
     with pytest.raises(ValueError, match="cannot be created"):
-        effects.check_out(a_file / "below")
+        run.check_out(a_file / "below")
     with pytest.raises(SystemExit):
-        effects.main([])  # --out is required
+        cli.main([])  # --out is required
     assert "--out is required" in capsys.readouterr().err
 
 
@@ -156,14 +160,14 @@ def test_bad_out_is_rejected(tmp_path, tiny, capsys):
 
 def test_every_row_runs_and_the_files_are_written(full_run):
     out, records, _ = full_run
-    assert [r["row"] for r in records] == list(effects.ROW_IDS)
+    assert [r["row"] for r in records] == list(registry.ROW_IDS)
     csv_path, md_path, json_path = (out / f"tiny-llama.{ext}" for ext in ("csv", "md", "json"))
     with open(csv_path, newline="") as f:
         header = next(csv.reader(f))
-    assert header == [name for name, _, _ in effects.COLUMNS]
-    assert effects.read_table(csv_path) == records
-    rows = _by_row(records)
-    for row_id, r in rows.items():
+    assert header == [name for name, _, _ in table.COLUMNS]
+    assert table.read_table(csv_path) == records
+    by_row = _by_row(records)
+    for row_id, r in by_row.items():
         if row_id in NEED_STUDENT:
             continue
         assert r["status"] == "ok", (row_id, r["reason"])
@@ -176,21 +180,21 @@ def test_every_row_runs_and_the_files_are_written(full_run):
         assert r["needs_calibration"] == bool(r["calibration_data"])
         assert r["needs_training"] == bool(r["training_data"])
     markdown = md_path.read_text()
-    for table in markdown.split("\n\n"):  # every line of a table has the header's number of cells
+    for block in markdown.split("\n\n"):  # every line of a table has the header's number of cells
         lines = [line for line in table.splitlines() if line.startswith("|")]
         cells = {len(re.findall(r"(?<!\\)\|", line)) for line in lines}
-        assert len(cells) <= 1, table
+        assert len(cells) <= 1, block
     assert "\\|w\\|" in markdown  # a | inside a cell is escaped
-    for row_id in rows:
+    for row_id in by_row:
         assert f"`{row_id}`" in markdown if row_id in NEED_STUDENT else f"| {row_id} |" in markdown
     provenance = json.loads(json_path.read_text())
     assert provenance["model"] == "tiny-llama" and provenance["torch"] == torch.__version__
     assert provenance["protocol"] == {k: list(v) if isinstance(v, tuple) else v
                                       for k, v in vars(TINY).items()}
     assert provenance["machine"]["cpu"] and provenance["transformers"]
-    run = provenance["runs"][-1]
-    assert run["command"] == ["test"] and run["date"] and "commit" in run["git"]
-    assert run["skipped"] == list(NEED_STUDENT) and len(run["measured"]) == len(effects.ROWS) - len(NEED_STUDENT)
+    last_run = provenance["runs"][-1]
+    assert last_run["command"] == ["test"] and last_run["date"] and "commit" in last_run["git"]
+    assert last_run["skipped"] == list(NEED_STUDENT) and len(last_run["measured"]) == len(registry.ROWS) - len(NEED_STUDENT)
 
 
 def test_the_given_model_is_not_modified(tiny, full_run):
@@ -209,36 +213,36 @@ def test_the_student_needing_training_is_skipped_with_the_reason(full_run):
 
 
 def test_measured_effects_have_the_expected_direction(full_run):
-    rows = _by_row(full_run[1])
-    dense = rows["dense"]
+    by_row = _by_row(full_run[1])
+    dense = by_row["dense"]
     assert dense["weight_fraction"] == 1.0
-    assert rows["rtn-w4g64"]["weight_bytes"] < rows["rtn-w8"]["weight_bytes"] < dense["weight_bytes"]
-    assert rows["llm-qat-w3g64"]["weight_bytes"] < rows["rtn-w4g64"]["weight_bytes"]
-    assert rows["gptq-w4g64"]["weight_bytes"] == rows["rtn-w4g64"]["weight_bytes"]  # the same packed layout
+    assert by_row["rtn-w4g64"]["weight_bytes"] < by_row["rtn-w8"]["weight_bytes"] < dense["weight_bytes"]
+    assert by_row["llm-qat-w3g64"]["weight_bytes"] < by_row["rtn-w4g64"]["weight_bytes"]
+    assert by_row["gptq-w4g64"]["weight_bytes"] == by_row["rtn-w4g64"]["weight_bytes"]  # the same packed layout
     for row_id in ("magnitude-2of4", "wanda-2of4", "sparsegpt-2of4"):
-        assert rows[row_id]["zero_fraction"] == pytest.approx(0.5, abs=0.01)
-        assert rows[row_id]["weight_bytes"] == dense["weight_bytes"]  # zeros stored densely
+        assert by_row[row_id]["zero_fraction"] == pytest.approx(0.5, abs=0.01)
+        assert by_row[row_id]["weight_bytes"] == dense["weight_bytes"]  # zeros stored densely
     for row_id in ("llm-pruner-mlp", "shortgpt-depth", "head-pruning-kv-group"):
-        assert rows[row_id]["weight_bytes"] < dense["weight_bytes"]
-    assert rows["mqa"]["kv_bytes_per_token"] == dense["kv_bytes_per_token"] / 2  # 2 key-value heads -> 1
-    assert rows["kv-int8"]["kv_bytes_per_token"] < dense["kv_bytes_per_token"] / 3  # int8 codes + scales
-    assert rows["kv-int8"]["weight_bytes"] == dense["weight_bytes"]
-    assert rows["dense"]["calibration_s"] == 0 and rows["gptq-w4g64"]["calibration_s"] > 0
+        assert by_row[row_id]["weight_bytes"] < dense["weight_bytes"]
+    assert by_row["mqa"]["kv_bytes_per_token"] == dense["kv_bytes_per_token"] / 2  # 2 key-value heads -> 1
+    assert by_row["kv-int8"]["kv_bytes_per_token"] < dense["kv_bytes_per_token"] / 3  # int8 codes + scales
+    assert by_row["kv-int8"]["weight_bytes"] == dense["weight_bytes"]
+    assert by_row["dense"]["calibration_s"] == 0 and by_row["gptq-w4g64"]["calibration_s"] > 0
 
 
 def test_combinations_run(full_run):
-    rows = _by_row(full_run[1])
-    joint = rows["sparsegpt-50+gptq-w4g64"]
-    assert joint["weight_bytes"] == rows["gptq-w4g64"]["weight_bytes"]
-    assert joint["zero_fraction"] >= rows["sparsegpt-50"]["zero_fraction"] - 1e-9  # pruned weights stay zero
-    assert joint["apply_s"] > rows["sparsegpt-50"]["apply_s"]  # it pays for the pruning it reuses
-    pruned_quantized = rows["llm-pruner-mlp-lora+gptq-w4g64"]
-    assert pruned_quantized["weight_bytes"] < min(rows["llm-pruner-mlp-lora"]["weight_bytes"],
-                                                  rows["gptq-w4g64"]["weight_bytes"])
-    mqa_int8 = rows["mqa+kv-int8"]
-    assert mqa_int8["weight_bytes"] == rows["mqa"]["weight_bytes"]
-    assert mqa_int8["kv_bytes_per_token"] < rows["mqa"]["kv_bytes_per_token"] / 3
-    assert mqa_int8["ppl_docstrings"] == pytest.approx(rows["mqa"]["ppl_docstrings"], rel=0.05)
+    by_row = _by_row(full_run[1])
+    joint = by_row["sparsegpt-50+gptq-w4g64"]
+    assert joint["weight_bytes"] == by_row["gptq-w4g64"]["weight_bytes"]
+    assert joint["zero_fraction"] >= by_row["sparsegpt-50"]["zero_fraction"] - 1e-9  # pruned weights stay zero
+    assert joint["apply_s"] > by_row["sparsegpt-50"]["apply_s"]  # it pays for the pruning it reuses
+    pruned_quantized = by_row["llm-pruner-mlp-lora+gptq-w4g64"]
+    assert pruned_quantized["weight_bytes"] < min(by_row["llm-pruner-mlp-lora"]["weight_bytes"],
+                                                  by_row["gptq-w4g64"]["weight_bytes"])
+    mqa_int8 = by_row["mqa+kv-int8"]
+    assert mqa_int8["weight_bytes"] == by_row["mqa"]["weight_bytes"]
+    assert mqa_int8["kv_bytes_per_token"] < by_row["mqa"]["kv_bytes_per_token"] / 3
+    assert mqa_int8["ppl_docstrings"] == pytest.approx(by_row["mqa"]["ppl_docstrings"], rel=0.05)
 
 
 def test_a_second_run_skips_what_is_done(full_run, tiny, monkeypatch):
@@ -248,14 +252,14 @@ def test_a_second_run_skips_what_is_done(full_run, tiny, monkeypatch):
         raise AssertionError("a kept row was measured again")
 
     # nothing measured again (only the skipped student retried, which stops before any measurement);
-    # not effects.measure_row: its source is part of every row's key
+    # not measure.measure_row: its source is part of every row's key
     for name in ("perplexities", "side_by_side", "prefill_latency", "decode_latency"):
-        monkeypatch.setattr(effects.evaluate, name, no_measurement)
-    again = effects.run_effects(out, tiny, model_name="tiny-llama", protocol=TINY)
+        monkeypatch.setattr(measure.evaluate, name, no_measurement)
+    again = run.run_effects(out, tiny, model_name="tiny-llama", protocol=TINY)
     assert [r for r in again if r["row"] not in NEED_STUDENT] == [r for r in records if r["row"] not in NEED_STUDENT]
-    run = json.loads((out / "tiny-llama.json").read_text())["runs"][-1]
-    assert run["measured"] == [] and run["skipped"] == list(NEED_STUDENT)
-    assert run["kept"] == [r for r in effects.ROW_IDS if r not in NEED_STUDENT]
+    last_run = json.loads((out / "tiny-llama.json").read_text())["runs"][-1]
+    assert last_run["measured"] == [] and last_run["skipped"] == list(NEED_STUDENT)
+    assert last_run["kept"] == [r for r in registry.ROW_IDS if r not in NEED_STUDENT]
 
 
 def test_a_changed_key_measures_the_row_again(full_run, tiny, tmp_path):
@@ -264,28 +268,83 @@ def test_a_changed_key_measures_the_row_again(full_run, tiny, tmp_path):
     copy_dir.mkdir()
     for path in out.iterdir():
         (copy_dir / path.name).write_bytes(path.read_bytes())
-    table = copy_dir / "tiny-llama.csv"
-    stale = effects.read_table(table)
+    table_csv = copy_dir / "tiny-llama.csv"
+    stale = table.read_table(table_csv)
     next(r for r in stale if r["row"] == "rtn-w8")["key"] = "000000000000"
-    effects.write_csv(table, stale)
-    effects.run_effects(copy_dir, tiny, methods="rtn-w8", model_name="tiny-llama", protocol=TINY)
-    run = json.loads((copy_dir / "tiny-llama.json").read_text())["runs"][-1]
-    assert run["measured"] == ["rtn-w8"] and run["kept"] == ["dense"]
-    rows = _by_row(effects.read_table(table))
-    assert rows["rtn-w8"]["key"] == effects.row_key(effects.ROWS[1], TINY)
-    assert rows["rtn-w8"]["ppl_shakespeare"] == _by_row(records)["rtn-w8"]["ppl_shakespeare"]  # deterministic
-    assert len(rows) == len(effects.ROWS)  # the other rows are kept
+    table.write_csv(table_csv, stale)
+    run.run_effects(copy_dir, tiny, methods="rtn-w8", model_name="tiny-llama", protocol=TINY)
+    last_run = json.loads((copy_dir / "tiny-llama.json").read_text())["runs"][-1]
+    assert last_run["measured"] == ["rtn-w8"] and last_run["kept"] == ["dense"]
+    by_row = _by_row(table.read_table(table_csv))
+    assert by_row["rtn-w8"]["key"] == key.row_key(registry.ROWS[1], TINY)
+    assert by_row["rtn-w8"]["ppl_shakespeare"] == _by_row(records)["rtn-w8"]["ppl_shakespeare"]  # deterministic
+    assert len(by_row) == len(registry.ROWS)  # the other by_row are kept
 
 
 def test_the_key_follows_the_protocol_and_the_row():
-    gptq = next(r for r in effects.ROWS if r.id == "gptq-w4g64")
-    assert effects.row_key(gptq) == effects.row_key(gptq)
-    assert effects.row_key(gptq) != effects.row_key(gptq, TINY)
-    assert len({effects.row_key(row) for row in effects.ROWS}) == len(effects.ROWS)
+    gptq = next(r for r in registry.ROWS if r.id == "gptq-w4g64")
+    assert key.row_key(gptq) == key.row_key(gptq)
+    assert key.row_key(gptq) != key.row_key(gptq, TINY)
+    assert len({key.row_key(row) for row in registry.ROWS}) == len(registry.ROWS)
+
+
+def _row(row_id):
+    return next(r for r in registry.ROWS if r.id == row_id)
+
+
+def test_editing_what_a_row_depends_on_changes_its_key(monkeypatch):
+    gptq, rtn = _row("gptq-w4g64"), _row("rtn-w8")
+    before = key.row_key(gptq)
+    digests = {}  # one file of those the key covers edited at a time
+    for module in sorted(key.dependencies(gptq).modules):
+        with monkeypatch.context() as patch:
+            patch.setattr(key, "_file_digest", lambda m, edited=module: "edited" if m == edited else "same")
+            digests[module] = key.row_key(gptq)
+    assert len(set(digests.values())) == len(digests)  # every file counts, each differently
+    assert "refimpl.quantization.gptq" in digests and "refimpl.evaluate" in digests
+    assert "refimpl.quantization.awq" not in key.dependencies(rtn).modules  # an AWQ edit keeps RTN's rows
+    rtn_before = key.row_key(rtn)
+    monkeypatch.setattr(key.recipes, "GROUP", 32)  # a constant of the recipes module: the rows that read it
+    assert key.row_key(gptq) != before and key.row_key(rtn) == rtn_before
+    combination = _row("sparsegpt-50+gptq-w4g64")
+    assert {"gptq_w4", "sparsegpt_", "gptq_w4_keeping_zeros"} <= set(key.dependencies(combination).functions)
+
+
+def test_the_key_covers_every_function_a_row_runs(tiny, cache):
+    """Run every row with a profiler: each refimpl function it calls lies in a file its key hashes, or is
+    a recipe function whose source its key hashes (a test of the rule in refimpl.effects.key)."""
+    model, tokenizer = tiny
+    root = Path(key.__file__).resolve().parents[1]
+    recipes_file, rows_file = Path(key.recipes.__file__).resolve(), Path(registry.__file__).resolve()
+    for row in registry.ROWS:
+        called: set[tuple[Path, str]] = set()
+
+        def profile(frame, event, arg):
+            if event == "call":
+                called.add((Path(frame.f_code.co_filename), frame.f_code.co_qualname))
+
+        ctx = context.Context(model, tokenizer, "tiny-llama", TINY)  # nothing shared yet: every capture runs
+        sys.setprofile(profile)
+        try:
+            measure.measure_row(row, ctx, timing=False)
+        finally:
+            sys.setprofile(None)
+        deps = key.dependencies(row)
+        files = {Path(importlib.util.find_spec(m).origin).resolve() for m in deps.modules}
+        for path, qualname in called:
+            path = path.resolve() if path.is_absolute() else path
+            if root not in path.parents:
+                continue
+            if path == recipes_file:
+                assert qualname.split(".<locals>")[0] in deps.functions, (row.id, qualname)
+            elif path == rows_file:
+                assert qualname in ("Row.during", "Row.method"), (row.id, qualname)  # the label and the context
+            else:
+                assert path in files, (row.id, path, qualname)
 
 
 def test_train_makes_the_student_and_the_cache_keeps_it(tiny, cache, tmp_path):
-    records = effects.run_effects(tmp_path, tiny, methods="kd-student", model_name="tiny-llama", protocol=TINY,
+    records = run.run_effects(tmp_path, tiny, methods="kd-student", model_name="tiny-llama", protocol=TINY,
                                   train=True)
     student = _by_row(records)["kd-student"]
     assert student["status"] == "ok", student["reason"]
@@ -293,12 +352,12 @@ def test_train_makes_the_student_and_the_cache_keeps_it(tiny, cache, tmp_path):
     assert student["weight_bytes"] < _by_row(records)["dense"]["weight_bytes"]
     assert list((cache / "students").glob("tiny-llama-kd-*/student.json"))
     (tmp_path / "tiny-llama.csv").unlink()
-    again = _by_row(effects.run_effects(tmp_path, tiny, methods="kd-student", model_name="tiny-llama",
+    again = _by_row(run.run_effects(tmp_path, tiny, methods="kd-student", model_name="tiny-llama",
                                         protocol=TINY))["kd-student"]
     assert again["status"] == "ok" and "loaded from the cache" in again["notes"]
     assert again["ppl_shakespeare"] == student["ppl_shakespeare"]
     assert again["apply_s"] == pytest.approx(student["apply_s"], rel=0.5)  # the recorded training time
-    quantized = _by_row(effects.run_effects(tmp_path, tiny, methods="kd-student+gptq-w4g64", model_name="tiny-llama",
+    quantized = _by_row(run.run_effects(tmp_path, tiny, methods="kd-student+gptq-w4g64", model_name="tiny-llama",
                                             protocol=TINY))["kd-student+gptq-w4g64"]
     assert quantized["status"] == "ok", quantized["reason"]
     assert quantized["weight_bytes"] < again["weight_bytes"] and quantized["apply_s"] > again["apply_s"]
@@ -306,37 +365,37 @@ def test_train_makes_the_student_and_the_cache_keeps_it(tiny, cache, tmp_path):
 
 def test_check_table_recomputes_and_catches_a_difference(full_run, tiny, tmp_path):
     out, _, _ = full_run
-    checks = effects.check_table(out / "tiny-llama.csv", model=tiny)
-    assert [c.row for c in checks] == list(effects.DEFAULT_CHECK_ROWS)
-    assert all(c.ok and c.key_matches for c in checks), effects.format_checks(checks)
+    checks = check.check_table(out / "tiny-llama.csv", model=tiny)
+    assert [c.row for c in checks] == list(registry.DEFAULT_CHECK_ROWS)
+    assert all(c.ok and c.key_matches for c in checks), check.format_checks(checks)
     assert set(checks[0].compared) == {*(f"ppl_{c}" for c in data.CORPORA), "weight_bytes", "kv_bytes_per_token",
                                        "zero_fraction"}
 
     for path in out.iterdir():
         (tmp_path / path.name).write_bytes(path.read_bytes())
-    table = tmp_path / "tiny-llama.csv"
-    records = effects.read_table(table)
+    table_csv = tmp_path / "tiny-llama.csv"
+    records = table.read_table(table_csv)
     changed = next(r for r in records if r["row"] == "rtn-w4g64")
-    kind = next(r for r in effects.ROWS if r.id == "rtn-w4g64").tolerance
+    kind = next(r for r in registry.ROWS if r.id == "rtn-w4g64").tolerance
     changed["ppl_docstrings"] *= 1 + 2 * reproducibility.TOLERANCES[kind].rtol  # more than another CPU moves it
     changed["weight_bytes"] += 1
-    effects.write_csv(table, records)
-    check = effects.check_table(table, model=tiny, rows=["rtn-w4g64"])[0]
-    assert not check.ok and len(check.mismatches) == 2
-    assert "ppl_docstrings" in effects.format_checks([check]) and "DIFFERS" in effects.format_checks([check])
+    table.write_csv(table_csv, records)
+    one = check.check_table(table_csv, model=tiny, rows=["rtn-w4g64"])[0]
+    assert not one.ok and len(one.mismatches) == 2
+    assert "ppl_docstrings" in check.format_checks([one]) and "DIFFERS" in check.format_checks([one])
     with pytest.raises(ValueError, match="not measured"):
-        effects.check_table(table, model=tiny, rows=["kd-student"])
+        check.check_table(table_csv, model=tiny, rows=["kd-student"])
     with pytest.raises(ValueError, match="unknown rows"):
-        effects.check_table(table, model=tiny, rows=["nope"])
+        check.check_table(table_csv, model=tiny, rows=["nope"])
 
 
 def test_command_line_on_a_model_folder(tiny_model_folder, tmp_path, cache):
     folder, _, _ = tiny_model_folder
     out = tmp_path / "out"
     argv = ["--model", str(folder), "--out", str(out), "--methods", "rtn-w8", "--threads", "2"]
-    assert effects.main(argv) == 0
-    stem = effects.table_stem(str(folder))
-    records = effects.read_table(out / f"{stem}.csv")
+    assert cli.main(argv) == 0
+    stem = table.table_stem(str(folder))
+    records = table.read_table(out / f"{stem}.csv")
     assert [r["row"] for r in records] == ["dense", "rtn-w8"] and all(r["status"] == "ok" for r in records)
     provenance = json.loads((out / f"{stem}.json").read_text())
     assert provenance["runs"][-1]["command"][1:] == argv
@@ -349,20 +408,20 @@ def test_command_line_on_a_model_folder(tiny_model_folder, tmp_path, cache):
 
 @pytest.mark.slow
 def test_committed_table_recomputes_on_the_real_model(request):
-    """One quantization, one pruning and one architecture row of the committed table, recomputed."""
-    table = COMMITTED / "smollm2-135m.csv"
-    if not table.is_file():
-        pytest.skip(f"{table} does not exist yet: make it with "
+    """One quantization, one pruning and one architecture row of the committed table_csv, recomputed."""
+    table_csv = COMMITTED / "smollm2-135m.csv"
+    if not table_csv.is_file():
+        pytest.skip(f"{table_csv} does not exist yet: make it with "
                     "`python -m refimpl effects --model smollm2-135m --out results/effects`")
-    smollm2 = request.getfixturevalue("smollm2")  # loaded only when there is a table to check
-    checks = effects.check_table(table, model=smollm2, model_name="smollm2-135m")
-    families = {next(r for r in effects.ROWS if r.id == c.row).family for c in checks}
-    assert {"quantization", "pruning", "architecture"} <= families, effects.format_checks(checks)
-    assert all(c.ok for c in checks), effects.format_checks(checks)
+    smollm2 = request.getfixturevalue("smollm2")  # loaded only when there is a table_csv to check
+    checks = check.check_table(table_csv, model=smollm2, model_name="smollm2-135m")
+    families = {next(r for r in registry.ROWS if r.id == c.row).family for c in checks}
+    assert {"quantization", "pruning", "architecture"} <= families, check.format_checks(checks)
+    assert all(c.ok for c in checks), check.format_checks(checks)
 
 
 def test_rows_name_the_kind_of_their_perplexities():
-    kinds = {row.id: row.tolerance for row in effects.ROWS}
+    kinds = {row.id: row.tolerance for row in registry.ROWS}
     assert kinds["dense"] == "float" and kinds["rtn-w4g64"] == kinds["wanda-50"] == "grid"
     assert kinds["kd-student"] == kinds["llm-pruner-mlp-lora"] == kinds["llm-qat-w3g64"] == "trained"
     assert kinds["zeroquant-w8a8"] == kinds["kv-int8"] == kinds["llm-int8"] == "activations"

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from refimpl import effects, tradeoffs
+from refimpl import tradeoffs
+from refimpl.effects.table import read_table
 
 
 def row(name, mib, ppl_s, ppl_d, kv=100.0, family="quantization", training=False, decode=1.0, status="ok"):
@@ -107,7 +108,7 @@ def test_choose_rejects_a_bad_budget(records, budget):
 
 
 def test_committed_table_reads_and_its_combinations_have_parts():
-    records = effects.read_table(tradeoffs.RESULTS / "effects" / "smollm2-135m.csv")
+    records = read_table(tradeoffs.RESULTS / "effects" / "smollm2-135m.csv")
     table = tradeoffs.measured(records)
     combinations = [r for r in table if "+" in r]
     assert combinations, "the committed table has no combination rows"

@@ -41,14 +41,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refimpl import anatomy
+from refimpl import anatomy, training
 from refimpl._rollback import restores_on_error
 from refimpl._validation import (check_choice, check_linear_input, check_logits, check_non_negative_int,
                                  check_positive_int)
+from refimpl.distillation.losses import forward_kl
 from refimpl.quantization import packed, uniform
 from refimpl.quantization.activation import ActivationQuantizedLinear, straight_through
 
 GRANULARITIES = ("channel", "group")
+
+#: The book's budget for QAT by distillation (chapter 04 and the effects table's ``llm-qat-w3g64`` row):
+#: 7 AdamW steps at a learning rate of 3e-4 after one warm-up step, on batches of 2 sequences of 128 tokens.
+DISTILLATION = training.TrainConfig(steps=7, lr=3e-4, warmup_steps=1)
+DISTILLATION_SEQ_LEN = 128
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -242,3 +248,54 @@ def self_generated_blocks(model: nn.Module, n_blocks: int, seq_len: int, greedy_
     finally:
         model.train(was_training)
     return torch.cat(blocks).to(device)
+
+
+def interleaved_batches(blocks: torch.Tensor, n_batches: int) -> list[torch.Tensor]:
+    """``blocks [N, L]`` dealt into ``n_batches`` batches, block ``i`` into batch ``i % n_batches``: with the
+    blocks of several corpora concatenated, every batch holds some of each.
+
+    Returns:
+        a list of ``n_batches`` tensors ``[N / n_batches, L]``.
+    """
+    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2:
+        raise ValueError(f"blocks must be a 2-d tensor [N, L] of token ids, got {getattr(blocks, 'shape', blocks)!r}")
+    check_positive_int("n_batches", n_batches)
+    if blocks.shape[0] % n_batches:
+        raise ValueError(f"n_batches ({n_batches}) must divide the number of blocks ({blocks.shape[0]})")
+    return [blocks[i::n_batches] for i in range(n_batches)]
+
+
+def distill_from_float(model: nn.Module, teacher: nn.Module, batches: list[torch.Tensor],
+                       config: training.TrainConfig = DISTILLATION, desc: str = "QAT") -> training.TrainLog:
+    r"""LLM-QAT's objective (§2.2): train ``model`` (after :func:`prepare_qat`) to reproduce the float
+    ``teacher``, by the forward KL divergence from the teacher's next-token distribution to the
+    quantized model's at every position, :math:`\mathrm{KL}(p_T \,\|\, p_S)`
+    (:func:`refimpl.distillation.losses.forward_kl`), with the training loop of :mod:`refimpl.training`.
+    Trains every parameter of ``model`` that requires a gradient, in place; the teacher runs in eval
+    mode without gradients.
+
+    Args:
+        batches: token ids ``[B, L]``, step ``t`` uses ``batches[t % len(batches)]``
+            (:func:`interleaved_batches`, :func:`self_generated_blocks`).
+
+    Returns:
+        the :class:`~refimpl.training.TrainLog`. An error leaves ``model`` as it was.
+    """
+    if not any(isinstance(m, FakeQuantLinear) for m in model.modules()):
+        raise ValueError("model has no FakeQuantLinear layer (prepare_qat first)")
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+    device = next(model.parameters()).device
+
+    def loss(student: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(device)
+        with torch.no_grad():
+            teacher_logits = teacher(batch).logits  # [B, L, vocab]
+        return forward_kl(student(batch).logits, teacher_logits)
+
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        return training.train(model, batches, loss, config, desc=desc)
+    finally:
+        teacher.train(was_training)
