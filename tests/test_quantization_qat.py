@@ -72,11 +72,50 @@ def test_conversion_gives_back_the_original_dtype():
 
 
 def _distill(student, teacher, blocks, steps, lr=1e-3):
+    return qat.distill_from_float(student, teacher, [blocks], training.TrainConfig(steps=steps, lr=lr))
+
+
+def test_distillation_from_the_float_model_is_forward_kl_on_the_shared_loop(tiny_llama):
+    """LLM-QAT's objective: the same updates as the training loop with forward KL to the teacher."""
+    teacher = copy.deepcopy(tiny_llama)
+    students = [qat.prepare_qat(copy.deepcopy(tiny_llama), 3, group_size=32) for _ in range(2)]
+    batches = qat.interleaved_batches(_blocks(n=4), 2)
+    config = training.TrainConfig(steps=3, lr=1e-3)
+    log = qat.distill_from_float(students[0], teacher, batches, config)
+
     def loss(m, batch):
         with torch.no_grad():
             target = teacher(batch).logits
         return forward_kl(m(batch).logits, target)
-    return training.train(student, [blocks], loss, training.TrainConfig(steps=steps, lr=lr))
+
+    reference = training.train(students[1], batches, loss, config)
+    assert log.losses == reference.losses
+    for a, b in zip(students[0].parameters(), students[1].parameters()):
+        assert torch.equal(a, b)
+    teacher.train()  # left in the mode it came in
+    qat.distill_from_float(students[0], teacher, batches, training.TrainConfig(steps=1, lr=1e-3))
+    assert teacher.training
+
+
+def test_interleaved_batches_deal_blocks_in_turn():
+    blocks = torch.arange(12).reshape(6, 2)  # [6, 2]
+    batches = qat.interleaved_batches(blocks, 3)
+    assert [b[:, 0].tolist() for b in batches] == [[0, 6], [2, 8], [4, 10]]
+    with pytest.raises(ValueError, match="n_batches"):
+        qat.interleaved_batches(blocks, 4)
+    with pytest.raises(ValueError, match="n_batches"):
+        qat.interleaved_batches(blocks, 0)
+    with pytest.raises(ValueError, match="blocks"):
+        qat.interleaved_batches(torch.arange(6), 2)
+
+
+def test_distillation_checks_its_arguments_first(tiny_llama):
+    teacher = copy.deepcopy(tiny_llama)
+    with pytest.raises(ValueError, match="prepare_qat"):
+        qat.distill_from_float(tiny_llama, teacher, [_blocks()])
+    student = qat.prepare_qat(tiny_llama, 3, group_size=32)
+    with pytest.raises(TypeError, match="teacher"):
+        qat.distill_from_float(student, "teacher", [_blocks()])
 
 
 @pytest.mark.parametrize("learnable_scale, a_bits", [(False, None), (True, None), (False, 8)])
