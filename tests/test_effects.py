@@ -45,11 +45,29 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def full_run(tiny, cache, tmp_path_factory):
-    """Every row on the tiny model, once: (out folder, returned records, the model's state before)."""
+    """Every row on the tiny model, once: (out folder, returned records, the model's state before, and
+    the functions each row called: {row id: {(file, qualified name)}}, recorded by a profiler)."""
     out = tmp_path_factory.mktemp("effects")
     before = {name: t.clone() for name, t in tiny[0].state_dict().items()}
-    records = run.run_effects(out, tiny, model_name="tiny-llama", protocol=TINY, command=["test"])
-    return out, records, before
+    calls: dict[str, set[tuple[str, str]]] = {}
+
+    def profiled(row, ctx, *args, **kwargs):
+        called = calls.setdefault(row.id, set())
+
+        def profile(frame, event, arg):
+            if event == "call":
+                called.add((frame.f_code.co_filename, frame.f_code.co_qualname))
+
+        sys.setprofile(profile)
+        try:
+            return measure.measure_row(row, ctx, *args, **kwargs)
+        finally:
+            sys.setprofile(None)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run, "measure_row", profiled)
+        records = run.run_effects(out, tiny, model_name="tiny-llama", protocol=TINY, command=["test"])
+    return out, records, before, calls
 
 
 def _by_row(records):
@@ -159,7 +177,7 @@ def test_bad_out_is_rejected(tmp_path, tiny, capsys):
 
 
 def test_every_row_runs_and_the_files_are_written(full_run):
-    out, records, _ = full_run
+    out, records = full_run[:2]
     assert [r["row"] for r in records] == list(registry.ROW_IDS)
     csv_path, md_path, json_path = (out / f"tiny-llama.{ext}" for ext in ("csv", "md", "json"))
     with open(csv_path, newline="") as f:
@@ -181,7 +199,7 @@ def test_every_row_runs_and_the_files_are_written(full_run):
         assert r["needs_training"] == bool(r["training_data"])
     markdown = md_path.read_text()
     for block in markdown.split("\n\n"):  # every line of a table has the header's number of cells
-        lines = [line for line in table.splitlines() if line.startswith("|")]
+        lines = [line for line in block.splitlines() if line.startswith("|")]
         cells = {len(re.findall(r"(?<!\\)\|", line)) for line in lines}
         assert len(cells) <= 1, block
     assert "\\|w\\|" in markdown  # a | inside a cell is escaped
@@ -198,7 +216,7 @@ def test_every_row_runs_and_the_files_are_written(full_run):
 
 
 def test_the_given_model_is_not_modified(tiny, full_run):
-    _, _, before = full_run
+    before = full_run[2]
     after = tiny[0].state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[name], before[name]) for name in before)
@@ -246,7 +264,7 @@ def test_combinations_run(full_run):
 
 
 def test_a_second_run_skips_what_is_done(full_run, tiny, monkeypatch):
-    out, records, _ = full_run
+    out, records = full_run[:2]
 
     def no_measurement(*args, **kwargs):
         raise AssertionError("a kept row was measured again")
@@ -263,7 +281,7 @@ def test_a_second_run_skips_what_is_done(full_run, tiny, monkeypatch):
 
 
 def test_a_changed_key_measures_the_row_again(full_run, tiny, tmp_path):
-    out, records, _ = full_run
+    out, records = full_run[:2]
     copy_dir = tmp_path / "copy"
     copy_dir.mkdir()
     for path in out.iterdir():
@@ -310,35 +328,32 @@ def test_editing_what_a_row_depends_on_changes_its_key(monkeypatch):
     assert {"gptq_w4", "sparsegpt_", "gptq_w4_keeping_zeros"} <= set(key.dependencies(combination).functions)
 
 
-def test_the_key_covers_every_function_a_row_runs(tiny, cache):
-    """Run every row with a profiler: each refimpl function it calls lies in a file its key hashes, or is
-    a recipe function whose source its key hashes (a test of the rule in refimpl.effects.key)."""
-    model, tokenizer = tiny
+def test_the_key_covers_every_function_a_row_runs(full_run):
+    """Every refimpl function a row called in the full run lies in a file its key hashes, or is a recipe
+    function whose source its key hashes (a test of the rule in refimpl.effects.key). Calibration shared
+    between rows runs in the first row that needs it, from refimpl.effects.context, whose files every
+    key covers; a combination that continues from a kept row's copy covers that row's dependencies."""
+    calls = full_run[3]
     root = Path(key.__file__).resolve().parents[1]
     recipes_file, rows_file = Path(key.recipes.__file__).resolve(), Path(registry.__file__).resolve()
+    shared = key.dependencies(registry.ROWS[0]).modules
+    assert {"refimpl.effects.context", "refimpl.calibration", "refimpl.pruning.structured"} <= shared
     for row in registry.ROWS:
-        called: set[tuple[Path, str]] = set()
-
-        def profile(frame, event, arg):
-            if event == "call":
-                called.add((Path(frame.f_code.co_filename), frame.f_code.co_qualname))
-
-        ctx = context.Context(model, tokenizer, "tiny-llama", TINY)  # nothing shared yet: every capture runs
-        sys.setprofile(profile)
-        try:
-            measure.measure_row(row, ctx, timing=False)
-        finally:
-            sys.setprofile(None)
         deps = key.dependencies(row)
+        assert shared <= deps.modules, row.id
+        if row.starts_from is not None:
+            base = key.dependencies(row.starts_from)
+            assert base.modules <= deps.modules and set(base.functions) <= set(deps.functions), row.id
         files = {Path(importlib.util.find_spec(m).origin).resolve() for m in deps.modules}
-        for path, qualname in called:
-            path = path.resolve() if path.is_absolute() else path
+        assert calls[row.id], row.id
+        for filename, qualname in calls[row.id]:
+            path = Path(filename).resolve()
             if root not in path.parents:
                 continue
             if path == recipes_file:
                 assert qualname.split(".<locals>")[0] in deps.functions, (row.id, qualname)
             elif path == rows_file:
-                assert qualname in ("Row.during", "Row.method"), (row.id, qualname)  # the label and the context
+                assert qualname in ("Row.during", "Row.method"), (row.id, qualname)  # the context and the label
             else:
                 assert path in files, (row.id, path, qualname)
 
@@ -364,7 +379,7 @@ def test_train_makes_the_student_and_the_cache_keeps_it(tiny, cache, tmp_path):
 
 
 def test_check_table_recomputes_and_catches_a_difference(full_run, tiny, tmp_path):
-    out, _, _ = full_run
+    out = full_run[0]
     checks = check.check_table(out / "tiny-llama.csv", model=tiny)
     assert [c.row for c in checks] == list(registry.DEFAULT_CHECK_ROWS)
     assert all(c.ok and c.key_matches for c in checks), check.format_checks(checks)
