@@ -86,10 +86,12 @@ def zeroquant_w8a8(model: nn.Module, ctx: Context) -> Applied:
 
 def llm_qat(model: nn.Module, ctx: Context) -> Applied:
     """Chapter 04: QAT at 3 bits in groups of 64, distilled from the float model on real calibration text
-    (:data:`refimpl.quantization.qat.DISTILLATION`)."""
+    (:data:`refimpl.quantization.qat.DISTILLATION`); unlike the chapter, which trains every parameter,
+    only the quantized layers' latent weights train (the table's figures predate the shared function)."""
     steps = qat.DISTILLATION.steps
     text = torch.cat([data.token_blocks(ctx.tokenizer, data.load_text(name, "calibration"),
                                         qat.DISTILLATION_SEQ_LEN, steps) for name in data.CORPORA])  # [2 steps, L]
+    model.requires_grad_(False)  # only the latent weights of the quantized layers train (chapter 04: all)
     student = qat.prepare_qat(model, QAT_BITS, group_size=GROUP)
     qat.distill_from_float(student, ctx.base, qat.interleaved_batches(text, steps))
     return Applied(qat.convert_qat(student, pack=True))

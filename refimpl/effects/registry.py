@@ -160,7 +160,7 @@ ROWS: tuple[Row, ...] = (
         chapter="04",
         settings=f"{recipes.QAT_BITS}-bit asymmetric, groups of {_G}; {qat.DISTILLATION.steps} steps of forward KL "
                  f"to the float model (straight-through estimator), AdamW lr {qat.DISTILLATION.lr:g}, "
-                 f"2×{qat.DISTILLATION_SEQ_LEN} tokens per step, every parameter trained",
+                 f"2×{qat.DISTILLATION_SEQ_LEN} tokens per step, only the quantized layers' weights trained",
         apply=recipes.llm_qat, evaluated=f"packed {recipes.QAT_BITS}-bit codes + fp16 scales and zero-points "
                                          "(QuantizedLinear), dequantized on every call",
         kernel=f"int{recipes.QAT_BITS} weight-only GEMM",
