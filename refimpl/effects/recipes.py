@@ -86,8 +86,8 @@ def zeroquant_w8a8(model: nn.Module, ctx: Context) -> Applied:
 
 def llm_qat(model: nn.Module, ctx: Context) -> Applied:
     """Chapter 04: QAT at 3 bits in groups of 64, distilled from the float model on real calibration text
-    (:data:`refimpl.quantization.qat.DISTILLATION`); unlike the chapter, which trains every parameter,
-    only the quantized layers' latent weights train (the table's figures predate the shared function)."""
+    (:data:`refimpl.quantization.qat.DISTILLATION`); only the quantized layers' latent weights train,
+    where the chapter trains every parameter."""
     steps = qat.DISTILLATION.steps
     text = torch.cat([data.token_blocks(ctx.tokenizer, data.load_text(name, "calibration"),
                                         qat.DISTILLATION_SEQ_LEN, steps) for name in data.CORPORA])  # [2 steps, L]
