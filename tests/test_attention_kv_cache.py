@@ -88,6 +88,31 @@ def test_logits_to_keep_gives_the_last_positions_only(tiny_llama):
     torch.testing.assert_close(step, full[:, 8:9], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("layers", [None, (1, 3)])
+def test_forward_is_embed_then_each_block_then_head(layers):
+    """Decoder.forward composed by hand from its steps, bit for bit: without a cache, and through one
+    (a prefill, then a step), which ends up holding the same keys and values."""
+    decoder = Decoder.from_hf(make_tiny_llama(9, num_hidden_layers=4), layers)
+    ids = _ids(2, 10, 9)
+
+    def by_hand(new, cache, start):
+        positions = torch.arange(start, start + new.shape[1])
+        h = decoder.embed(new)  # [2, t, hidden]
+        for i in range(len(decoder.layers)):
+            h = decoder.block(i, h, positions, cache[i] if cache is not None else None)
+        return decoder.head(h)  # [2, t, vocab]
+
+    with torch.no_grad():
+        assert torch.equal(decoder(ids), by_hand(ids, None, 0))
+        forward_cache, hand_cache = decoder.new_cache(2, 10), decoder.new_cache(2, 10)
+        for start, stop in ((0, 7), (7, 8)):
+            assert torch.equal(decoder(ids[:, start:stop], forward_cache),
+                               by_hand(ids[:, start:stop], hand_cache, start))
+    assert forward_cache.length == hand_cache.length == 8
+    assert all(torch.equal(a.k_cache, b.k_cache) and torch.equal(a.v_cache, b.v_cache)
+               for a, b in zip(forward_cache.layers, hand_cache.layers))
+
+
 def test_decoder_shares_the_models_weights(tiny_llama):
     decoder = Decoder.from_hf(tiny_llama)
     model_params = {p.data_ptr() for p in tiny_llama.parameters()}

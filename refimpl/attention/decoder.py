@@ -55,7 +55,9 @@ class Decoder(nn.Module):
     """A Llama forward pass written out, over the weights of a Hugging Face ``LlamaForCausalLM``.
 
     Build it with :meth:`from_hf`; the model stays a submodule, so its parameters are shared, not
-    copied. Call it as ``decoder(input_ids, cache, positions)``.
+    copied. Call it as ``decoder(input_ids, cache, positions)``: :meth:`forward` is :meth:`embed`, one
+    :meth:`block` per layer run and :meth:`head`, steps that a caller may also run one at a time
+    (:class:`refimpl.decoding.early_exit.LayerwiseDecoder` exits between them).
 
     ``layers`` runs only some of the model's decoder layers, in order, then the final norm and the
     output head: ``range(k)`` is the early exit of self-speculative decoding (LayerSkip, Elhoushi et
@@ -121,6 +123,27 @@ class Decoder(nn.Module):
         e.g. with a fixed-shape version for CUDA graphs)."""
         return cached_attention(q, k, v, positions, self.inv_freq, scale, cache)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The first step of :meth:`forward`: the token embeddings ``[batch, t, hidden]`` of
+        ``input_ids [batch, t]``, the input :math:`x` of the first layer run (the ids are not checked here)."""
+        return self.model.model.embed_tokens(input_ids)
+
+    def block(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """The ``i``-th layer run (the model's layer ``self.layers[i]``), :math:`x \\mapsto y` of the module
+        docstring, on the hidden states ``h [batch, t, hidden]`` of the new tokens at ``positions [t]``:
+        attention through that layer's ``cache`` (``None``: causal among the new tokens), then the gated
+        MLP, each on the RMSNorm of its input and added to it."""
+        layer, eps = self.model.model.layers[self.layers[i]], self.model.config.rms_norm_eps
+        h = h + self.attention(layer.self_attn, rms_norm(h, layer.input_layernorm.weight, eps), positions, cache)
+        u = rms_norm(h, layer.post_attention_layernorm.weight, eps)
+        mlp = layer.mlp
+        return h + mlp.down_proj(F.silu(mlp.gate_proj(u)) * mlp.up_proj(u))  # [b, t, hidden]
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The last step of :meth:`forward`: logits ``[batch, t, vocab]`` of the hidden states
+        ``h [batch, t, hidden]`` through the final RMSNorm and the output projection."""
+        return self.model.lm_head(rms_norm(h, self.model.model.norm.weight, self.model.config.rms_norm_eps))
+
     def forward(self, input_ids: torch.Tensor, cache: ModelKVCache | None = None,
                 positions: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """Logits ``[batch, t, vocab]`` of ``input_ids [batch, t]``.
@@ -137,7 +160,6 @@ class Decoder(nn.Module):
         """
         if not torch.compiler.is_compiling():  # reads the ids: under torch.compile it would break the graph
             check_token_ids("input_ids", input_ids, self.vocab_size)
-        config = self.model.config
         if cache is not None and (not isinstance(cache, ModelKVCache) or len(cache) != len(self.layers)):
             raise TypeError(f"cache must be a ModelKVCache with {len(self.layers)} layers (new_cache())")
         if positions is None:
@@ -147,15 +169,9 @@ class Decoder(nn.Module):
                 or positions.dtype != torch.long:
             raise ValueError(f"positions must be a LongTensor of shape [t={input_ids.shape[1]}]")
         check_non_negative_int("logits_to_keep", logits_to_keep)
-        llama, eps = self.model.model, config.rms_norm_eps
-        h = llama.embed_tokens(input_ids)  # [b, t, hidden]
-        for i, index in enumerate(self.layers):
-            layer = llama.layers[index]
-            h = h + self.attention(layer.self_attn, rms_norm(h, layer.input_layernorm.weight, eps), positions,
-                                   cache[i] if cache is not None else None)
-            u = rms_norm(h, layer.post_attention_layernorm.weight, eps)
-            mlp = layer.mlp
-            h = h + mlp.down_proj(F.silu(mlp.gate_proj(u)) * mlp.up_proj(u))  # [b, t, hidden]
+        h = self.embed(input_ids)  # [b, t, hidden]
+        for i in range(len(self.layers)):
+            h = self.block(i, h, positions, cache[i] if cache is not None else None)  # [b, t, hidden]
         if logits_to_keep:
             h = h[:, -logits_to_keep:]  # [b, min(k, t), hidden]
-        return self.model.lm_head(rms_norm(h, llama.norm.weight, eps))  # [b, t or k, vocab]
+        return self.head(h)  # [b, t or k, vocab]
