@@ -60,8 +60,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from refimpl import runtime
-from refimpl._validation import (check_choice, check_logits, check_non_negative_int, check_positive_int,
-                                 check_token_ids)
+from refimpl._validation import (check_choice, check_fraction, check_logits, check_non_negative_int,
+                                 check_positive_int, check_positive_number, check_token_ids)
 from refimpl.anatomy import attention_shape
 from refimpl.attention.decoder import Decoder, rms_norm
 from refimpl.attention.kv_cache import KVCache, ModelKVCache, apply_rope
@@ -88,33 +88,21 @@ def hidden_state_saturation(previous: torch.Tensor, current: torch.Tensor) -> to
 def decaying_threshold(threshold: float, t: int, max_new_tokens: int, temperature: float = 4.0) -> float:
     """CALM's decaying threshold in the released code's form: :math:`\\lambda (9/10 + e^{-\\tau t/N}/10)`
     for token ``t`` of ``N = max_new_tokens``."""
-    _check_unit("threshold", threshold)
+    check_fraction("threshold", threshold)
     check_non_negative_int("t", t)
     check_positive_int("max_new_tokens", max_new_tokens)
-    _check_positive_number("temperature", temperature)
+    check_positive_number("temperature", temperature)
     return threshold * (0.9 + 0.1 * math.exp(-temperature * t / max_new_tokens))
-
-
-def _check_unit(param: str, value: object, open_interval: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
-        (0 < value < 1 if open_interval else 0 <= value <= 1)
-    if not ok:
-        raise ValueError(f"{param} must be a number in {'(0, 1)' if open_interval else '[0, 1]'}, got {value!r}")
-
-
-def _check_positive_number(param: str, value: object) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
-        raise ValueError(f"{param} must be a finite number > 0, got {value!r}")
 
 
 # --- the decoder, one layer at a time -------------------------------------------------------------
 
 
 class LayerwiseDecoder(Decoder):
-    """:class:`~refimpl.attention.decoder.Decoder` opened up: the embedding, one layer, the head, and
-    the state propagation of a skipped layer, as separate steps (the model's weights are shared, not
-    copied, and never modified). ``block`` repeats the body of :meth:`Decoder.forward`'s layer loop,
-    which has no per-layer hook; the tests hold the two equal (no exit = :func:`generate`)."""
+    """:class:`~refimpl.attention.decoder.Decoder`, whose steps CALM runs one at a time: :meth:`embed`
+    gives :math:`d^0`, :meth:`block` ``(i, ...)`` :math:`d^{i+1}` from :math:`d^i`, :meth:`head` the
+    logits of any :math:`d^i` (the shared final norm and output head), plus the state propagation of a
+    skipped layer (the model's weights are shared, not copied, and never modified)."""
 
     @classmethod
     def over(cls, model: nn.Module | Decoder) -> LayerwiseDecoder:
@@ -124,22 +112,6 @@ class LayerwiseDecoder(Decoder):
         if isinstance(model, Decoder):
             return cls(model.model, model.layers)
         return cls(model)
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """:math:`d^0`: ``[b, t, hidden]``."""
-        return self.model.model.embed_tokens(input_ids)
-
-    def block(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """:math:`d^{i+1}` from :math:`d^i` ``[b, t, hidden]`` through the ``i``-th layer run."""
-        layer, eps = self.model.model.layers[self.layers[i]], self.model.config.rms_norm_eps
-        h = h + self.attention(layer.self_attn, rms_norm(h, layer.input_layernorm.weight, eps), positions, cache)
-        u = rms_norm(h, layer.post_attention_layernorm.weight, eps)
-        mlp = layer.mlp
-        return h + mlp.down_proj(F.silu(mlp.gate_proj(u)) * mlp.up_proj(u))  # [b, t, hidden]
-
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits ``[b, t, V]`` of any layer's state: the shared final RMSNorm and output projection."""
-        return self.model.lm_head(rms_norm(h, self.model.model.norm.weight, self.model.config.rms_norm_eps))
 
     def propagate_state(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> None:
         """Write into ``cache`` the key and value that the ``i``-th layer run computes from the copied
@@ -185,7 +157,7 @@ def _check_exit_arguments(n_layers: int, threshold: float | Sequence[float] | No
         raise ValueError(f"min_layer must be an int in [1, {n_layers}] (the model's layers), got {min_layer!r}")
     check_positive_int("layer_interval", layer_interval)
     if threshold_decay is not None:
-        _check_positive_number("threshold_decay", threshold_decay)
+        check_positive_number("threshold_decay", threshold_decay)
     if threshold is None:
         return None
     if isinstance(threshold, Sequence) and not isinstance(threshold, (str, bytes)):
@@ -193,9 +165,9 @@ def _check_exit_arguments(n_layers: int, threshold: float | Sequence[float] | No
             raise ValueError(f"threshold must hold one value per layer that can exit ({n_layers - 1}), "
                              f"got {len(threshold)}")
         for value in threshold:
-            _check_unit("threshold", value)
+            check_fraction("threshold", value)
         return tuple(float(v) for v in threshold)
-    _check_unit("threshold", threshold)
+    check_fraction("threshold", threshold)
     return (float(threshold),) * (n_layers - 1)
 
 
@@ -285,9 +257,9 @@ def token_inconsistency(early: torch.Tensor, full: torch.Tensor) -> float:
 
 
 def _check_risk(risk: float, n: int, delta: float) -> None:
-    _check_unit("risk", risk)
+    check_fraction("risk", risk)
     check_positive_int("n", n)
-    _check_unit("delta", delta, open_interval=True)
+    check_fraction("delta", delta, open_interval=True)
 
 
 def hoeffding_p_value(risk: float, n: int, delta: float) -> float:
@@ -329,13 +301,18 @@ class ThresholdCalibration:
     epsilon: float
 
 
-def _check_grid(thresholds: Sequence[float]) -> tuple[float, ...]:
+def _check_test_arguments(thresholds: Sequence[float], delta: float, epsilon: float,
+                          p_value: str) -> tuple[float, ...]:
+    """The arguments of Learn-then-Test, checked; returns the grid of candidate thresholds as a tuple."""
     if isinstance(thresholds, (str, bytes)) or not isinstance(thresholds, Sequence) or not thresholds:
         raise ValueError(f"thresholds must be a non-empty sequence, got {thresholds!r}")
     for value in thresholds:
-        _check_unit("thresholds", value)
+        check_fraction("thresholds", value)
     if any(a <= b for a, b in zip(thresholds, thresholds[1:])):
         raise ValueError(f"thresholds must be strictly descending (fixed-sequence testing), got {list(thresholds)}")
+    check_fraction("delta", delta, open_interval=True)
+    check_fraction("epsilon", epsilon, open_interval=True)
+    check_choice("p_value", p_value, P_VALUES)
     return tuple(float(v) for v in thresholds)
 
 
@@ -344,10 +321,7 @@ def learn_then_test(losses: torch.Tensor, thresholds: Sequence[float], delta: fl
     """Fixed-sequence testing over ``thresholds`` (strictly descending) given ``losses [k, n]``: the loss
     in [0, 1] of each of ``n`` calibration prompts at each of the ``k`` candidates. Guarantees
     :math:`\\Pr(R(\\hat\\lambda) \\le \\delta) \\ge 1 - \\epsilon` for i.i.d. prompts."""
-    grid = _check_grid(thresholds)
-    _check_unit("delta", delta, open_interval=True)
-    _check_unit("epsilon", epsilon, open_interval=True)
-    check_choice("p_value", p_value, P_VALUES)
+    grid = _check_test_arguments(thresholds, delta, epsilon, p_value)
     if not isinstance(losses, torch.Tensor) or not losses.is_floating_point() or losses.dim() != 2:
         raise TypeError("losses must be a floating-point tensor [candidates, calibration prompts]")
     if losses.shape[0] != len(grid) or losses.shape[1] == 0:
@@ -376,10 +350,7 @@ def calibrate_threshold(model: nn.Module | Decoder, prompts: Sequence[torch.Tens
     (``LongTensor[1, t]``) is decoded once in full and once per candidate (every candidate is run, so
     that the risks of all can be plotted). The exit arguments are those of :func:`early_exit_generate`."""
     decoder = LayerwiseDecoder.over(model)
-    grid = _check_grid(thresholds)
-    _check_unit("delta", delta, open_interval=True)
-    _check_unit("epsilon", epsilon, open_interval=True)
-    check_choice("p_value", p_value, P_VALUES)
+    grid = _check_test_arguments(thresholds, delta, epsilon, p_value)
     _check_exit_arguments(len(decoder.layers), grid[0], confidence, min_layer, layer_interval, threshold_decay)
     check_non_negative_int("max_new_tokens", max_new_tokens)
     check_stop_tokens(stop_tokens)
