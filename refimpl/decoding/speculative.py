@@ -47,22 +47,16 @@ import torch
 from torch import nn
 
 from refimpl import runtime
-from refimpl._validation import check_logits, check_non_negative_int, check_positive_int
+from refimpl._validation import check_fraction, check_logits, check_non_negative_int, check_positive_int
 from refimpl.attention.decoder import Decoder
 from refimpl.attention.kv_cache import ModelKVCache
 from refimpl.decoding.generate import Sampling, as_decoder, check_prompt, check_stop_tokens, make_generator
 
 
-def _check_probability(param: str, value: float, open_right: bool = True) -> None:
-    upper_ok = value < 1 if open_right else value <= 1
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 <= value and upper_ok):
-        raise ValueError(f"{param} must be in [0, 1{')' if open_right else ']'}, got {value!r}")
-
-
 def expected_tokens_per_call(alpha: float, gamma: int) -> float:
     """Leviathan et al. Eq. 1: :math:`(1 - \\alpha^{\\gamma+1}) / (1 - \\alpha)` tokens per target
     call for acceptance rate ``alpha`` in [0, 1] and ``gamma`` proposals (``gamma + 1`` at alpha = 1)."""
-    _check_probability("alpha", alpha, open_right=False)
+    check_fraction("alpha", alpha)
     check_non_negative_int("gamma", gamma)
     return float(gamma + 1) if alpha == 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
