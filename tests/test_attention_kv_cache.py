@@ -1,7 +1,7 @@
 """refimpl.attention.kv_cache and .decoder: cached decoding reproduces full recomputation and the
-Hugging Face logits; RoPE matches Hugging Face's; the cache's bytes are the formula's; rollback;
-sliding windows and StreamingLLM sinks against attention computed directly from their definitions;
-validation."""
+Hugging Face logits; the forward pass is its steps (embed, blocks, head) composed; RoPE matches
+Hugging Face's; the cache's bytes are the formula's; rollback; sliding windows and StreamingLLM sinks
+against attention computed directly from their definitions; validation."""
 
 from __future__ import annotations
 
