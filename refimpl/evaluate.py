@@ -26,14 +26,13 @@ Speed
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import gc
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -41,28 +40,7 @@ import torch.nn.functional as F
 from refimpl._validation import (as_device, check_non_negative_int, check_positive_int, check_token_ids,
                                  vocabulary_size)
 from refimpl.anatomy import attention_shape
-from refimpl.runtime import progress, time_calls
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of ``model``'s parameters."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        raise ValueError("model has no parameters") from None
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """``model`` in eval mode (no dropout) inside the block, then back in the mode it came in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
+from refimpl.runtime import eval_mode, model_device, progress, time_calls
 
 
 # --- quality ------------------------------------------------------------------------------------

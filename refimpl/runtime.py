@@ -8,12 +8,17 @@ machine still adds in another order (its vector units, its BLAS); what the store
 across machines is the rule of :mod:`refimpl.reproducibility`. Scripts and tests keep progress bars
 on unless the environment variable ``REFIMPL_PROGRESS`` is ``0``.
 
+The model helpers every family needs live here too: :func:`model_device` (where a model's
+parameters are) and :func:`eval_mode` (dropout off for a measurement or a teacher's forward pass,
+then the mode the model came in).
+
 :func:`time_calls` is the one timer of the package: the speed measurements of
 :mod:`refimpl.evaluate` and the GPU benchmarks of :mod:`refimpl.bench` both use it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -92,6 +97,27 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         except Exception as exc:  # noqa: BLE001 - any failure means the device cannot be used
             raise ValueError(f"device {device!r} cannot be used here: {exc}") from None
     return resolved
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of ``model``'s parameters."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        raise ValueError("model has no parameters") from None
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (no dropout) inside the block, then back in the mode it came in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def cpu_name() -> str:

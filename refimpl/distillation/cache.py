@@ -30,7 +30,7 @@ from refimpl import data as corpora
 from refimpl._validation import check_causal_lm, check_choice, check_finite, check_positive_int, check_token_ids
 from refimpl.distillation import losses, train
 from refimpl.distillation.student import StudentSpec, layer_subset_student
-from refimpl.evaluate import model_device
+from refimpl.runtime import model_device
 from refimpl.pruning import structured
 from refimpl.runtime import cache_dir
 from refimpl.training import TrainConfig, TrainLog

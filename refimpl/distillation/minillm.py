@@ -66,7 +66,7 @@ from refimpl._validation import (check_choice, check_logits, check_non_negative_
                                  check_token_ids)
 from refimpl.distillation.losses import token_kl
 from refimpl.distillation.train import check_teacher_student, eos_ids
-from refimpl.evaluate import eval_mode, model_device
+from refimpl.runtime import eval_mode, model_device
 from refimpl.training import TrainConfig, TrainLog, check_config, next_token_loss, train
 
 #: How :func:`minillm_loss` weights teacher-mixed samples: the paper's single-token ratio, or the exact products.

@@ -48,7 +48,7 @@ from refimpl._validation import check_causal_lm, check_positive_int, check_token
 from refimpl.distillation import losses
 from refimpl.distillation.losses import IGNORE_INDEX
 from refimpl.distillation.train import generate_continuations, next_token_labels
-from refimpl.evaluate import model_device
+from refimpl.runtime import model_device
 from refimpl.training import TrainConfig, TrainLog, train
 
 if TYPE_CHECKING:

@@ -46,7 +46,7 @@ from refimpl._validation import (check_causal_lm, check_choice, check_fraction, 
                                  check_positive_int, check_positive_number, check_token_ids)
 from refimpl.distillation import losses
 from refimpl.distillation.losses import IGNORE_INDEX, SparseTeacher
-from refimpl.evaluate import eval_mode, model_device
+from refimpl.runtime import eval_mode, model_device
 from refimpl.training import TrainConfig, TrainLog, check_config, train
 
 

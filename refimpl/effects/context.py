@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from refimpl import calibration, data, evaluate
+from refimpl import calibration, data, runtime
 from refimpl.effects.protocol import DEFAULT_PROTOCOL, Protocol
 
 
@@ -68,7 +68,7 @@ class Context:
                  train: bool = False):
         self.base, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.protocol, self.train = protocol, train
-        self.device = evaluate.model_device(model)
+        self.device = runtime.model_device(model)
         self._shared: dict[str, tuple[Any, float]] = {}  # key: (value, seconds to capture it)
         self._accounts: list[Account] = []
         self.keep: set[str] = set()  # ids of the rows whose result a later row of the run starts from

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from refimpl import data, evaluate
+from refimpl import data, evaluate, runtime
 from refimpl._rollback import private_copy
 from refimpl._validation import check_token_ids, vocabulary_size
 from refimpl.effects.context import Context, Made, RowSkipped
@@ -55,8 +55,8 @@ def kv_bytes_per_token(model: nn.Module, block: torch.Tensor, kv_bits: int | Non
     """Bytes per token of the KV cache ``model`` builds over ``block [1, L]``: as float tensors
     (:func:`refimpl.evaluate.cache_bytes`) or packed to ``kv_bits`` (KIVI, :func:`kv_cache.pack_cache`)."""
     check_token_ids("block", block, vocabulary_size(model))
-    with evaluate.eval_mode(model):
-        cache = model(block.to(evaluate.model_device(model)), use_cache=True).past_key_values
+    with runtime.eval_mode(model):
+        cache = model(block.to(runtime.model_device(model)), use_cache=True).past_key_values
     if kv_bits is None:
         nbytes = evaluate.cache_bytes(cache)
     else:

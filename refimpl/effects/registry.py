@@ -243,6 +243,8 @@ NOT_A_ROW: dict[str, str] = {
              "(chapter 04 measures the fine-tune)",
     "minillm": "the kd-student trained with reverse KL; chapter 06 compares the objectives (not cached)",
     "gkd": "three on-policy steps on top of the kd-student; chapter 06 measures them (not cached)",
+    "sequence-level-kd": "the kd-student row is the table's distilled student (token-level, online); chapter 06 "
+                         "trains on the teacher's greedy answers (not cached)",
     "instruction-distillation": "fine-tuning on a teacher's answers (chapter 06): what a student learns, "
                                 "not compression",
     "hallucination-inheritance": "an effect of instruction distillation (chapter 06), not a compression method",

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from refimpl import data, evaluate, runtime
+from refimpl import data, runtime
 from refimpl.effects import table
 from refimpl.effects.context import Context
 from refimpl.effects.key import row_key
@@ -75,8 +75,8 @@ def load(model: str | os.PathLike | tuple[nn.Module, Any], device: str | torch.d
     if isinstance(model, tuple):
         if len(model) != 2 or not isinstance(model[0], nn.Module):
             raise TypeError("model must be a name or path, or a (model, tokenizer) pair")
-        if device is not None and runtime.resolve_device(device) != evaluate.model_device(model[0]):
-            raise ValueError(f"device {device!r} differs from the given model's ({evaluate.model_device(model[0])})")
+        if device is not None and runtime.resolve_device(device) != runtime.model_device(model[0]):
+            raise ValueError(f"device {device!r} differs from the given model's ({runtime.model_device(model[0])})")
         name = model_name or getattr(getattr(model[0], "config", None), "_name_or_path", "") or "model"
         return model[0].eval(), model[1], name
     if not isinstance(model, (str, os.PathLike)):
@@ -118,7 +118,7 @@ def run_effects(out: str | os.PathLike, model: str | os.PathLike | tuple[nn.Modu
     csv_path, md_path, json_path = (out_dir / f"{stem}.{ext}" for ext in ("csv", "md", "json"))
     records = table.read_table(csv_path) if csv_path.exists() else []
     provenance = json.loads(json_path.read_text()) if json_path.exists() else {}
-    resolved = evaluate.model_device(base)
+    resolved = runtime.model_device(base)
     import transformers
 
     git = _git()

@@ -40,7 +40,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from refimpl import anatomy, calibration, evaluate, lora, training
+from refimpl import anatomy, calibration, lora, runtime, training
 from refimpl._rollback import restores_on_error
 from refimpl._validation import check_finite, check_layer_indices, check_positive_int
 
@@ -155,7 +155,7 @@ def activation_importance(model: nn.Module, blocks: torch.Tensor, batch_size: in
         handles.append(layer.register_forward_hook(record_influence(i), with_kwargs=True))
     device = next(model.parameters()).device
     try:
-        with evaluate.eval_mode(model):
+        with runtime.eval_mode(model):
             for batch in blocks.split(batch_size):
                 model(batch.to(device))
     finally:
