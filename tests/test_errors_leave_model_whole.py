@@ -42,6 +42,7 @@ from refimpl.training import TrainConfig
 
 VOCAB = 128  # make_tiny_llama's
 BLOCKS = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+G4 = uniform.Grid(4, symmetric=False, group_size=32)  # the weight grid of the quantizing cases
 DIVERGES = TrainConfig(steps=3, lr=1e30)  # step 0 is finite, step 1 is not: training fails with the model changed
 
 
@@ -100,7 +101,7 @@ def _packed_layer_1() -> nn.Module:
     """Layer 1's value projection is packed (no ``.weight``): a conversion fails there, after layer 0."""
     model = make_tiny_llama()
     attn = model.model.layers[1].self_attn
-    attn.v_proj = packed.QuantizedLinear.from_linear(attn.v_proj, 8, granularity="channel", group_size=None)
+    attn.v_proj = packed.QuantizedLinear.from_linear(attn.v_proj, uniform.Grid(8, symmetric=False))
     return model
 
 
@@ -125,7 +126,7 @@ def _step_by_step_batches() -> list[sbs.MultiTaskBatch]:
 
 
 def _quantized_copy(model: nn.Module) -> nn.Module:
-    return zeroquant.quantize_model_zeroquant(copy.deepcopy(model), a_bits=None)
+    return zeroquant.quantize_model_zeroquant(copy.deepcopy(model), act_grid=None)
 
 
 # --- 1. a failure half-way leaves the model whole ------------------------------------------------
@@ -164,21 +165,21 @@ def _merge_case() -> tuple[nn.Module, Callable[[], Any], type[BaseException]]:
 
 FAILS_HALF_WAY: dict[str, Case] = {
     # calibrated layer by layer: layer 1 overflows after layer 0 was rewritten
-    "gptq": _case(_overflowing, lambda m: gptq.quantize_model_gptq(m, BLOCKS, 4, group_size=32)),
-    "gptq-pack": _case(_overflowing, lambda m: gptq.quantize_model_gptq(m, BLOCKS, 4, group_size=32, pack=True)),
-    "awq": _case(_overflowing, lambda m: awq.quantize_model_awq(m, BLOCKS, 4, group_size=32, clip=True)),
-    "awq-pack": _case(_overflowing, lambda m: awq.quantize_model_awq(m, BLOCKS, 4, group_size=32, pack=True)),
+    "gptq": _case(_overflowing, lambda m: gptq.quantize_model_gptq(m, BLOCKS, G4)),
+    "gptq-pack": _case(_overflowing, lambda m: gptq.quantize_model_gptq(m, BLOCKS, G4, pack=True)),
+    "awq": _case(_overflowing, lambda m: awq.quantize_model_awq(m, BLOCKS, G4, clip=True)),
+    "awq-pack": _case(_overflowing, lambda m: awq.quantize_model_awq(m, BLOCKS, G4, pack=True)),
     "wanda": _case(_overflowing, lambda m: wanda.prune_model_wanda(m, BLOCKS, 0.5)),
     "wanda-2:4": _case(_overflowing, lambda m: wanda.prune_model_wanda(m, BLOCKS, 0.0, nm=(2, 4))),
     "sparsegpt": _case(_overflowing, lambda m: sparsegpt.prune_model_sparsegpt(m, BLOCKS, 0.5)),
     "smoothquant": _case(_overflowing, lambda m: smoothquant.smooth_model(m, BLOCKS)),
     "w8a8-static": _case(_overflowing, lambda m: activation.quantize_model_w8a8(
-        m, BLOCKS, act_granularity="tensor", static=True)),
+        m, BLOCKS, act_grid=uniform.Grid(8, per="tensor"), static=True)),
     # trained: the loss diverges at step 1, after step 0 changed the model
     "zeroquant-lkd": _lkd_case,
     "train": _case(make_tiny_llama, lambda m: training.train(m, list(BLOCKS.split(1)), training.next_token_loss,
                                                              DIVERGES), FloatingPointError),
-    "qat-train": _case(lambda: qat.prepare_qat(make_tiny_llama(), 4, group_size=32),
+    "qat-train": _case(lambda: qat.prepare_qat(make_tiny_llama(), G4),
                        lambda m: training.train(m, list(BLOCKS.split(1)), training.next_token_loss, DIVERGES),
                        FloatingPointError),
     "distill-online": _distill_case(kd.distill_online),
@@ -200,15 +201,15 @@ FAILS_HALF_WAY: dict[str, Case] = {
     "prune-structured": _case(make_tiny_llama, lambda m: structured.prune_structured(
         m, _importance(m, nan=True), intermediate_size=64, heads_per_group=1)),
     # checked before the first change, a bad weight in layer 1 included
-    "rtn": _case(_nan_in_layer_1, lambda m: uniform.quantize_model_rtn(m, 4, group_size=32)),
+    "rtn": _case(_nan_in_layer_1, lambda m: uniform.quantize_model_rtn(m, G4)),
     "magnitude": _case(_nan_in_layer_1, lambda m: magnitude.prune_model_magnitude(m, 0.5)),
-    "pack": _case(_nan_in_layer_1, lambda m: packed.pack_model(m, 4, group_size=32)),
+    "pack": _case(_nan_in_layer_1, lambda m: packed.pack_model(m, G4)),
     "nf4": _case(_nan_in_layer_1, lambda m: packed.pack_model_code_book(m)),
     "llm-int8": _case(_nan_in_layer_1, lambda m: llm_int8.quantize_model_int8(m)),
     "w8a8": _case(_nan_in_layer_1, lambda m: activation.quantize_model_w8a8(m)),
     "zeroquant": _case(_nan_in_layer_1, lambda m: zeroquant.quantize_model_zeroquant(m)),
-    "prepare-qat": _case(_nan_in_layer_1, lambda m: qat.prepare_qat(m, 4, group_size=32)),
-    "convert-qat": _case(lambda: qat.prepare_qat(make_tiny_llama(), 4, group_size=32, a_bits=8),
+    "prepare-qat": _case(_nan_in_layer_1, lambda m: qat.prepare_qat(m, G4)),
+    "convert-qat": _case(lambda: qat.prepare_qat(make_tiny_llama(), G4, a_bits=8),
                          lambda m: qat.convert_qat(m, pack=True)),
     "add-lora": _case(make_tiny_llama, lambda m: lora.add_lora(m, r=100)),
     "prepare-qlora": _case(make_tiny_llama, lambda m: qlora.prepare_qlora(m, r=100)),
@@ -238,15 +239,15 @@ def swaps_then_fail(monkeypatch):
 
 
 SWAPS: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], Any]]] = {
-    "pack": (make_tiny_llama, lambda m: packed.pack_model(m, 4, group_size=32)),
+    "pack": (make_tiny_llama, lambda m: packed.pack_model(m, G4)),
     "nf4": (make_tiny_llama, lambda m: packed.pack_model_code_book(m)),
     "llm-int8": (make_tiny_llama, lambda m: llm_int8.quantize_model_int8(m)),
     "w8a8": (make_tiny_llama, lambda m: activation.quantize_model_w8a8(m)),
     "zeroquant": (make_tiny_llama, lambda m: zeroquant.quantize_model_zeroquant(m)),
-    "gptq-pack": (make_tiny_llama, lambda m: gptq.quantize_model_gptq(m, BLOCKS, 4, group_size=32, pack=True)),
-    "awq-pack": (make_tiny_llama, lambda m: awq.quantize_model_awq(m, BLOCKS, 4, group_size=32, pack=True)),
-    "prepare-qat": (make_tiny_llama, lambda m: qat.prepare_qat(m, 4, group_size=32)),
-    "convert-qat": (lambda: qat.prepare_qat(make_tiny_llama(), 4, group_size=32), lambda m: qat.convert_qat(m)),
+    "gptq-pack": (make_tiny_llama, lambda m: gptq.quantize_model_gptq(m, BLOCKS, G4, pack=True)),
+    "awq-pack": (make_tiny_llama, lambda m: awq.quantize_model_awq(m, BLOCKS, G4, pack=True)),
+    "prepare-qat": (make_tiny_llama, lambda m: qat.prepare_qat(m, G4)),
+    "convert-qat": (lambda: qat.prepare_qat(make_tiny_llama(), G4), lambda m: qat.convert_qat(m)),
     "add-lora": (make_tiny_llama, lambda m: lora.add_lora(m, r=4)),
     "merge-lora": (lambda: lora.add_lora(make_tiny_llama(), r=4), lambda m: lora.merge_lora(m)),
     "prepare-qlora": (make_tiny_llama, lambda m: qlora.prepare_qlora(m, r=4)),
@@ -321,9 +322,9 @@ def _linear() -> nn.Linear:
 LAYERS: dict[str, Callable[[], nn.Module]] = {
     "ActivationQuantizedLinear": lambda: activation.ActivationQuantizedLinear(_linear()),
     "Int8Linear": lambda: llm_int8.Int8Linear.from_linear(_linear()),
-    "QuantizedLinear": lambda: packed.QuantizedLinear.from_linear(_linear(), 4, group_size=32),
+    "QuantizedLinear": lambda: packed.QuantizedLinear.from_linear(_linear(), G4),
     "CodeBookLinear": lambda: packed.CodeBookLinear.from_linear(_linear()),
-    "FakeQuantLinear": lambda: qat.FakeQuantLinear(_linear(), 4, group_size=32),
+    "FakeQuantLinear": lambda: qat.FakeQuantLinear(_linear(), G4),
     "LoRALinear": lambda: lora.LoRALinear(_linear(), r=4),
     "LoRALinear-on-NF4": lambda: lora.LoRALinear(packed.CodeBookLinear.from_linear(_linear()), r=4),
 }
@@ -375,10 +376,10 @@ TAKES_TOKEN_IDS: dict[str, tuple[str, Callable[[nn.Module, torch.Tensor], Any]]]
     "input_statistics": ("blocks", lambda m, ids: calibration.input_statistics(m, ids)),
     "activation_absmax": ("blocks", lambda m, ids: activation.activation_absmax(m, ids)),
     "outlier_statistics": ("blocks", lambda m, ids: llm_int8.outlier_statistics(m, ids)),
-    "gptq": ("blocks", lambda m, ids: gptq.quantize_model_gptq(m, ids, 4, group_size=32)),
-    "awq": ("blocks", lambda m, ids: awq.quantize_model_awq(m, ids, 4, group_size=32)),
+    "gptq": ("blocks", lambda m, ids: gptq.quantize_model_gptq(m, ids, G4)),
+    "awq": ("blocks", lambda m, ids: awq.quantize_model_awq(m, ids, G4)),
     "smoothquant": ("blocks", lambda m, ids: smoothquant.smooth_model(m, ids)),
-    "w8a8-static": ("blocks", lambda m, ids: activation.quantize_model_w8a8(m, ids, act_granularity="tensor",
+    "w8a8-static": ("blocks", lambda m, ids: activation.quantize_model_w8a8(m, ids, act_grid=uniform.Grid(8, per="tensor"),
                                                                            static=True)),
     "wanda": ("blocks", lambda m, ids: wanda.prune_model_wanda(m, ids, 0.5)),
     "sparsegpt": ("blocks", lambda m, ids: sparsegpt.prune_model_sparsegpt(m, ids, 0.5)),
@@ -459,16 +460,16 @@ def test_awq_searches_refuse_non_finite_statistics_and_weights():
     torch.manual_seed(0)
     weight, x = torch.randn(8, 64), torch.randn(32, 64)
     stats = calibration.InputStatistics.from_inputs(x)
-    awq.search_scales([weight], stats, 4, group_size=32)  # finite: fine
+    awq.search_scales([weight], stats, G4)  # finite: fine
     bad_stats = calibration.InputStatistics.from_inputs(x.index_fill(1, torch.tensor([5]), float("inf")))
     with pytest.raises(ValueError, match="stats.mean_abs must be finite"):
-        awq.search_scales([weight], bad_stats, 4, group_size=32)
+        awq.search_scales([weight], bad_stats, G4)
     with pytest.raises(ValueError, match=r"weights\[1\] must be finite"):
-        awq.search_scales([weight, weight.index_fill(0, torch.tensor([2]), float("nan"))], stats, 4, group_size=32)
+        awq.search_scales([weight, weight.index_fill(0, torch.tensor([2]), float("nan"))], stats, G4)
     with pytest.raises(ValueError, match="gram must be finite"):
-        awq.search_clipping(weight, bad_stats.gram, 4, group_size=32)
+        awq.search_clipping(weight, bad_stats.gram, G4)
     with pytest.raises(ValueError, match="weight must be finite"):
-        awq.search_clipping(weight.index_fill(0, torch.tensor([2]), float("nan")), stats.gram, 4, group_size=32)
+        awq.search_clipping(weight.index_fill(0, torch.tensor([2]), float("nan")), stats.gram, G4)
 
 
 def test_sparsegpt_refuses_non_finite_statistics(tiny_llama):

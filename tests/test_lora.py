@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from refimpl import lora, training
-from refimpl.quantization import packed
+from refimpl.quantization import packed, uniform
 
 
 def test_a_new_adapter_changes_nothing_and_only_it_trains(tiny_llama):
@@ -53,7 +53,7 @@ def test_adapters_on_a_quantized_base_merge_into_float_layers():
     from tiny import make_tiny_llama
 
     blocks = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
-    model = packed.pack_model(make_tiny_llama(), 4)
+    model = packed.pack_model(make_tiny_llama(), uniform.Grid(4, symmetric=False, group_size=64))
     lora.add_lora(model, r=2)
     _fine_tune(model, blocks, steps=3)
     with torch.no_grad():
@@ -83,4 +83,4 @@ def test_validation_leaves_the_model_untouched(tiny_llama):
     with pytest.raises(TypeError, match="base"):
         lora.LoRALinear(nn.ReLU())
     with pytest.raises(TypeError, match="quantized one"):
-        lora.LoRALinear(packed.QuantizedLinear.from_linear(nn.Linear(64, 8), 4)).merge()
+        lora.LoRALinear(packed.QuantizedLinear.from_linear(nn.Linear(64, 8), uniform.Grid(4, False, 64))).merge()

@@ -406,7 +406,7 @@ def test_keep_highest_equals_a_stable_sort_with_many_ties(shape, n_remove):
 
 
 def test_sparsity_of_counts_the_zeros_of_packed_layers_too():
-    from refimpl.quantization import packed
+    from refimpl.quantization import packed, uniform
 
     model = make_tiny_llama()
     with torch.no_grad():
@@ -414,7 +414,7 @@ def test_sparsity_of_counts_the_zeros_of_packed_layers_too():
     linears = anatomy.compressed_linears(model).values()
     dense = masks.sparsity_of(model)
     assert dense == model.model.layers[0].mlp.up_proj.weight.numel() / sum(m.weight.numel() for m in linears)
-    packed_model = packed.pack_model(model, 8, group_size=64)
+    packed_model = packed.pack_model(model, uniform.Grid(8, symmetric=False, group_size=64))
     with pytest.raises(ValueError, match="no nn.Linear"):  # nothing left to prune: every weight is packed
         anatomy.compressed_linears(packed_model)
     assert masks.sparsity_of(packed_model) >= dense

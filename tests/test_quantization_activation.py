@@ -26,7 +26,7 @@ def _relative_error(x_hat, x) -> float:
 def test_dynamic_per_token_error_is_at_most_half_a_step(a_bits):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 32, generator=g) * torch.logspace(-2, 2, 15).reshape(3, 5, 1)  # tokens of very different size
-    layer = ActivationQuantizedLinear(_linear(), w_bits=None, a_bits=a_bits, act_granularity="token")
+    layer = ActivationQuantizedLinear(_linear(), weight_grid=None, act_grid=uniform.Grid(a_bits, per="token"))
     x_hat = layer.quantize_input(x)
     step = x.abs().amax(dim=-1, keepdim=True) / (2 ** (a_bits - 1) - 1)  # Delta per token
     assert ((x_hat - x).abs() <= step / 2 * (1 + 1e-5)).all()
@@ -36,13 +36,14 @@ def test_dynamic_per_token_error_is_at_most_half_a_step(a_bits):
 
 def test_static_range_saturates_and_dynamic_does_not():
     x = torch.tensor([[-5.0, -2.0, -1.0, 0.3, 1.99, 3.0]])
-    static = ActivationQuantizedLinear(_linear(6, 2), w_bits=None, a_bits=8, act_granularity="tensor", static_absmax=2.0)
+    per_tensor = uniform.Grid(8, per="tensor")
+    static = ActivationQuantizedLinear(_linear(6, 2), weight_grid=None, act_grid=per_tensor, static_absmax=2.0)
     x_hat = static.quantize_input(x)
     step = 2.0 / 127
     inside = x.abs() <= 2.0
     assert ((x_hat - x).abs()[inside] <= step / 2 + 1e-6).all()
     assert torch.allclose(x_hat[~inside], torch.tensor([-2.0, 2.0]))  # -5 and 3 saturate at the calibrated +-2
-    dynamic = ActivationQuantizedLinear(_linear(6, 2), w_bits=None, a_bits=8, act_granularity="tensor")
+    dynamic = ActivationQuantizedLinear(_linear(6, 2), weight_grid=None, act_grid=per_tensor)
     assert torch.allclose(dynamic.quantize_input(x)[~inside], torch.tensor([-5.0, 3.0]), atol=5.0 / 127)
 
 
@@ -62,7 +63,7 @@ def test_per_token_isolates_token_outliers_but_not_channel_outliers():
             x_out[:, channels] *= 100.0
             ordinary[:, channels] = False
         for granularity in ("token", "tensor"):
-            q = ActivationQuantizedLinear(_linear(64, 8), w_bits=None, a_bits=8, act_granularity=granularity)
+            q = ActivationQuantizedLinear(_linear(64, 8), weight_grid=None, act_grid=uniform.Grid(8, per=granularity))
             errors[outlier, granularity] = _relative_error(q.quantize_input(x_out)[ordinary], x[ordinary])
     assert errors["none", "token"] < 0.02 and errors["none", "tensor"] < 0.02
     # per-token ranges isolate outlier tokens: the other tokens keep their fine grid ...
@@ -73,19 +74,20 @@ def test_per_token_isolates_token_outliers_but_not_channel_outliers():
 
 def test_weight_is_quantized_once_on_the_uniform_grid():
     linear = _linear()
-    for granularity, group_size in [("channel", None), ("group", 8), ("tensor", None)]:
-        q = ActivationQuantizedLinear(linear, w_bits=4, a_bits=None, weight_granularity=granularity, group_size=group_size)
-        expected = uniform.fake_quantize(linear.weight, 4, True, granularity, group_size, uniform.WEIGHT_SCALE_DTYPE)
+    for grid in [uniform.Grid(4), uniform.Grid(4, group_size=8), uniform.Grid(4, per="tensor")]:
+        q = ActivationQuantizedLinear(linear, weight_grid=grid, act_grid=None)
+        expected = uniform.fake_quantize(linear.weight, grid, uniform.WEIGHT_SCALE_DTYPE)
         assert torch.equal(q.weight, expected) and not q.weight.requires_grad
         x = torch.randn(7, 32)
-        assert torch.equal(q(x), F.linear(x, expected, linear.bias))  # a_bits=None: weight-only
-    q = ActivationQuantizedLinear(linear, w_bits=None, a_bits=8, act_granularity="token")
+        assert torch.equal(q(x), F.linear(x, expected, linear.bias))  # act_grid=None: weight-only
+    q = ActivationQuantizedLinear(linear, weight_grid=None, act_grid=uniform.Grid(8, per="token"))
     x = torch.randn(7, 32)
-    assert torch.equal(q(x), F.linear(uniform.fake_quantize(x, 8, True, "token"), linear.weight, linear.bias))
+    assert torch.equal(q(x), F.linear(uniform.fake_quantize(x, uniform.Grid(8, per="token")), linear.weight,
+                                      linear.bias))
 
 
 def test_straight_through_gradient():
-    q = ActivationQuantizedLinear(_linear(), w_bits=8, a_bits=4)
+    q = ActivationQuantizedLinear(_linear(), weight_grid=uniform.Grid(8), act_grid=uniform.Grid(4, per="token"))
     x = torch.randn(5, 32, requires_grad=True)
     x_hat = q.quantize_input(x)
     with torch.no_grad():
@@ -110,8 +112,8 @@ def test_weight_only_equals_round_to_nearest(tiny_llama):
     import copy
 
     blocks = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-    rtn = uniform.quantize_model_rtn(copy.deepcopy(tiny_llama), 8, symmetric=True, granularity="channel", group_size=None)
-    w8a16 = activation.quantize_model_w8a8(tiny_llama, a_bits=None)
+    rtn = uniform.quantize_model_rtn(copy.deepcopy(tiny_llama), uniform.Grid(8, symmetric=True, per="channel"))
+    w8a16 = activation.quantize_model_w8a8(tiny_llama, act_grid=None)
     with torch.no_grad():
         torch.testing.assert_close(w8a16(blocks).logits, rtn(blocks).logits, rtol=0, atol=0)
 
@@ -129,7 +131,7 @@ def test_static_ranges_are_the_calibration_absmax(tiny_llama):
     assert absmax.keys() == seen.keys()
     for name in seen:
         torch.testing.assert_close(absmax[name], seen[name], rtol=1e-5, atol=1e-6)
-    activation.quantize_model_w8a8(tiny_llama, blocks, act_granularity="tensor", static=True)
+    activation.quantize_model_w8a8(tiny_llama, blocks, act_grid=uniform.Grid(8, per="tensor"), static=True)
     q_proj = tiny_llama.model.layers[1].self_attn.q_proj
     assert q_proj.input_scale.item() == pytest.approx(absmax["model.layers.1.self_attn.q_proj"].max().item() / 127)
 
@@ -144,20 +146,21 @@ def test_swap_is_atomic(tiny_llama):
     assert all(torch.allclose(p, before[n], rtol=0, atol=0, equal_nan=True) for n, p in tiny_llama.named_parameters())
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(a_bits=9), "a_bits"),
-    (dict(w_bits=1), "w_bits"),
-    (dict(w_bits=None, a_bits=None), "nothing to quantize"),
-    (dict(act_granularity="channel"), "act_granularity"),
-    (dict(weight_granularity="token"), "weight_granularity"),
-    (dict(static=True, act_granularity="tensor"), "blocks"),
-    (dict(static=True, act_granularity="token"), "act_granularity='tensor'"),
-    (dict(weight_granularity="group", group_size=48), "group_size"),
-    (dict(weight_granularity="group"), "group_size"),
-    (dict(skip=("proj", "lm_head")), "no nn.Linear"),
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(act_grid=8), TypeError, "act_grid must be a uniform.Grid"),
+    (dict(weight_grid=(8, True)), TypeError, "weight_grid must be a uniform.Grid"),
+    (dict(weight_grid=None, act_grid=None), ValueError, "nothing to quantize"),
+    (dict(act_grid=uniform.Grid(8)), ValueError, "act_grid must have a granularity in \\['tensor', 'token'\\], "
+                                                 "got 'channel'"),
+    (dict(act_grid=uniform.Grid(8, group_size=16)), ValueError, "act_grid .* got 'group'"),
+    (dict(weight_grid=uniform.Grid(8, per="token")), ValueError, "weight_grid must have a granularity in .* got 'token'"),
+    (dict(static=True, act_grid=uniform.Grid(8, per="tensor")), ValueError, "blocks"),
+    (dict(static=True), ValueError, "act_grid with per='tensor'"),
+    (dict(weight_grid=uniform.Grid(8, group_size=48)), ValueError, "group_size 48"),
+    (dict(skip=("proj", "lm_head")), ValueError, "no nn.Linear"),
 ])
-def test_model_validation_names_the_parameter(tiny_llama, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_model_validation_names_the_parameter(tiny_llama, kwargs, error, match):
+    with pytest.raises(error, match=match):
         activation.quantize_model_w8a8(tiny_llama, **kwargs)
     assert not any(isinstance(m, ActivationQuantizedLinear) for m in tiny_llama.modules())
 
@@ -166,6 +169,8 @@ def test_layer_validation():
     with pytest.raises(TypeError, match="linear"):
         ActivationQuantizedLinear(nn.Conv1d(4, 4, 1))
     with pytest.raises(ValueError, match="static_absmax"):
-        ActivationQuantizedLinear(_linear(), act_granularity="tensor", static_absmax=float("nan"))
+        ActivationQuantizedLinear(_linear(), act_grid=uniform.Grid(8, per="tensor"), static_absmax=float("nan"))
     with pytest.raises(ValueError, match="static_absmax"):
-        ActivationQuantizedLinear(_linear(), act_granularity="token", static_absmax=1.0)
+        ActivationQuantizedLinear(_linear(), act_grid=uniform.Grid(8, per="token"), static_absmax=1.0)
+    with pytest.raises(ValueError, match="static_absmax .* symmetric act_grid per tensor"):
+        ActivationQuantizedLinear(_linear(), act_grid=uniform.Grid(8, symmetric=False, per="tensor"), static_absmax=1.0)

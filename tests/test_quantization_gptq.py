@@ -21,9 +21,12 @@ def _reconstruction_error(weight, quantized, x):
     return ((x @ weight.T - x @ quantized.T) ** 2).sum().item()
 
 
-def _rtn(weight, bits, symmetric, group_size):
-    granularity = "channel" if group_size is None else "group"
-    return uniform.fake_quantize(weight, bits, symmetric, granularity, group_size, uniform.WEIGHT_SCALE_DTYPE)
+def _grid(bits, group_size=None, symmetric=False):
+    return uniform.Grid(bits, symmetric, group_size)
+
+
+def _rtn(weight, grid):
+    return uniform.fake_quantize(weight, grid, uniform.WEIGHT_SCALE_DTYPE)
 
 
 @pytest.mark.parametrize("group_size", [None, 16])
@@ -31,8 +34,9 @@ def _rtn(weight, bits, symmetric, group_size):
 def test_uncorrelated_inputs_give_round_to_nearest(group_size, symmetric):
     weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(1))
     identity = 2 * torch.eye(64, dtype=torch.float64)  # H of white inputs: nothing to compensate
-    quantized = gptq.gptq_quantize(weight, identity, bits=3, symmetric=symmetric, group_size=group_size)[0]
-    torch.testing.assert_close(quantized, _rtn(weight, 3, symmetric, group_size), rtol=0, atol=1e-6)
+    grid = _grid(3, group_size, symmetric)
+    quantized = gptq.gptq_quantize(weight, identity, grid)[0]
+    torch.testing.assert_close(quantized, _rtn(weight, grid), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -40,9 +44,9 @@ def test_uncorrelated_inputs_give_round_to_nearest(group_size, symmetric):
 def test_gptq_beats_rtn_on_the_layer_objective(bits, group_size, act_order):
     x = _correlated_inputs()
     weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(2))
-    quantized = gptq.gptq_quantize(weight, gptq.hessian(x), bits, group_size=group_size, act_order=act_order,
+    quantized = gptq.gptq_quantize(weight, gptq.hessian(x), _grid(bits, group_size), act_order=act_order,
                                    block_size=16)[0]
-    rtn = _rtn(weight, bits, False, group_size)
+    rtn = _rtn(weight, _grid(bits, group_size))
     assert _reconstruction_error(weight, quantized, x) < _reconstruction_error(weight, rtn, x)
     # every column stays on the grid: at most 2^bits distinct values per row (and group)
     per_scale = quantized.view(32, -1, group_size or 64)
@@ -55,8 +59,8 @@ def test_act_order_helps_when_large_inputs_come_last():
     x = _correlated_inputs()
     weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
     H = gptq.hessian(x)
-    natural = _reconstruction_error(weight, gptq.gptq_quantize(weight, H, 3)[0], x)
-    act_order = _reconstruction_error(weight, gptq.gptq_quantize(weight, H, 3, act_order=True)[0], x)
+    natural = _reconstruction_error(weight, gptq.gptq_quantize(weight, H, _grid(3))[0], x)
+    act_order = _reconstruction_error(weight, gptq.gptq_quantize(weight, H, _grid(3), act_order=True)[0], x)
     assert act_order < natural
 
 
@@ -64,8 +68,8 @@ def test_block_size_does_not_change_the_result():
     x = _correlated_inputs(seed=3)
     weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
     H = gptq.hessian(x)
-    a = gptq.gptq_quantize(weight, H, 3, block_size=64)[0]
-    b = gptq.gptq_quantize(weight, H, 3, block_size=7)[0]
+    a = gptq.gptq_quantize(weight, H, _grid(3), block_size=64)[0]
+    b = gptq.gptq_quantize(weight, H, _grid(3), block_size=7)[0]
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
@@ -75,7 +79,7 @@ def _reference_gptq(weight, H, bits, group_size, act_order, damp=0.01):
     W, H = weight.clone(), H.clone()
     n = W.shape[1]
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
-    params = lambda cols: uniform.compute_qparams(cols, bits, False, "channel", None, uniform.WEIGHT_SCALE_DTYPE)  # noqa: E731
+    params = lambda cols: uniform.compute_qparams(cols, _grid(bits), uniform.WEIGHT_SCALE_DTYPE)  # noqa: E731
     static = {g: params(W[:, g:g + group_size]) for g in range(0, n, group_size)} if group_size else {}
     whole = None if group_size else params(W)
     W, H = W[:, perm], H[perm][:, perm]
@@ -102,7 +106,7 @@ def test_the_blocked_loop_equals_the_column_by_column_algorithm(group_size, act_
     H = gptq.hessian(x)
     reference = _reference_gptq(weight, H, 3, group_size, act_order)
     for block_size in (128, 32, 16):  # multiples of the group size: the same scales
-        ours = gptq.gptq_quantize(weight, H, 3, group_size=group_size, act_order=act_order, block_size=block_size)[0]
+        ours = gptq.gptq_quantize(weight, H, _grid(3, group_size), act_order=act_order, block_size=block_size)[0]
         assert ours.is_contiguous()
         # a last-bit difference in U may move a value across a rounding boundary: allow one code step in 1 %
         step = (ours - reference).abs()
@@ -128,24 +132,25 @@ def test_dead_inputs_get_zero_weights():
     x = _correlated_inputs()
     x[:, 5] = 0.0
     weight = torch.randn(8, 64)
-    quantized = gptq.gptq_quantize(weight, gptq.hessian(x), 4)[0]
+    quantized = gptq.gptq_quantize(weight, gptq.hessian(x), _grid(4))[0]
     assert (quantized[:, 5] == 0).all()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(bits=1), "bits"),
-    (dict(bits=4, group_size=5), "group_size 5 must divide"),
-    (dict(bits=4, damp=1.5), "damp"),
-    (dict(bits=4, block_size=0), "block_size"),
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(grid=4), TypeError, "grid must be a uniform.Grid"),
+    (dict(grid=_grid(4, 5)), ValueError, "group_size 5 must divide"),
+    (dict(grid=uniform.Grid(4, per="tensor")), ValueError, "grid must have a granularity in \\['channel', 'group'\\]"),
+    (dict(grid=_grid(4), damp=1.5), ValueError, "damp"),
+    (dict(grid=_grid(4), block_size=0), ValueError, "block_size"),
 ])
-def test_bad_arguments_are_named(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_arguments_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
         gptq.gptq_quantize(torch.randn(4, 16), torch.eye(16), **kwargs)[0]
 
 
 def test_hessian_must_match_the_weight():
     with pytest.raises(ValueError, match="hessian_matrix must be a \\[16, 16\\]"):
-        gptq.gptq_quantize(torch.randn(4, 16), torch.eye(8), 4)[0]
+        gptq.gptq_quantize(torch.randn(4, 16), torch.eye(8), _grid(4))[0]
     with pytest.raises(ValueError, match="non-empty"):
         gptq.hessian(torch.empty(0, 4))
 
@@ -154,12 +159,12 @@ def test_hessian_must_match_the_weight():
 def test_the_returned_grid_holds_the_weight(group_size, act_order):
     x = _correlated_inputs()
     linear = torch.nn.Linear(64, 8)
-    quantized, grid = gptq.gptq_quantize(linear.weight, gptq.hessian(x), 3, group_size=group_size,
-                                         act_order=act_order)
+    grid = _grid(3, group_size)
+    quantized, qparams = gptq.gptq_quantize(linear.weight, gptq.hessian(x), grid, act_order=act_order)
+    assert qparams.grid == grid
     with torch.no_grad():
         linear.weight.copy_(quantized)
-    granularity = "channel" if group_size is None else "group"
-    module = packed.QuantizedLinear.from_linear(linear, 3, False, granularity, group_size, qparams=grid)
+    module = packed.QuantizedLinear.from_linear(linear, grid, qparams=qparams)
     assert torch.equal(module.dequantized_weight(), quantized)
 
 
@@ -167,7 +172,7 @@ def test_the_returned_grid_holds_the_weight(group_size, act_order):
 def test_quantize_columns_puts_every_column_on_its_groups_grid(group_size, reverse):
     weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(7))
     order = list(range(64))[::-1] if reverse else list(range(64))
-    params = lambda w: uniform.compute_qparams(w, 3, False, "channel", None, uniform.WEIGHT_SCALE_DTYPE)  # noqa: E731
+    params = lambda w: uniform.compute_qparams(w, _grid(3), uniform.WEIGHT_SCALE_DTYPE)  # noqa: E731
     if group_size is None:
         given = {0: params(weight)}
     elif reverse:  # the columns of a group do not come together: every group's grid is fixed beforehand
@@ -176,32 +181,33 @@ def test_quantize_columns_puts_every_column_on_its_groups_grid(group_size, rever
         given = {16: params(weight[:, 16:32])}
     fixed = dict(given)
     H = obs.dampen(gptq.hessian(_correlated_inputs(seed=7))[order][:, order], 0.01)
-    QT, grids = gptq.quantize_columns(weight[:, order].T.contiguous(), obs.upper_cholesky_of_inverse(H), order, 3,
-                                      False, group_size, given)
-    assert given == fixed and all(grids[g] is grid for g, grid in given.items())  # not modified, and kept
-    assert sorted(grids) == ([0] if group_size is None else [0, 16, 32, 48])
-    qmin, qmax = uniform.code_range(3, False)
+    grid = _grid(3, group_size)
+    QT, qparams = gptq.quantize_columns(weight[:, order].T.contiguous(), obs.upper_cholesky_of_inverse(H), order,
+                                        grid, given)
+    assert given == fixed and all(qparams[g] is p for g, p in given.items())  # not modified, and kept
+    assert sorted(qparams) == ([0] if group_size is None else [0, 16, 32, 48])
     for i, column in enumerate(order):
-        grid = grids[0 if group_size is None else column - column % group_size]
-        codes = QT[i] / grid.scale[:, 0] + grid.zero_point[:, 0]  # [out]
+        p = qparams[0 if group_size is None else column - column % group_size]
+        codes = QT[i] / p.scale[:, 0] + p.zero_point[:, 0]  # [out]
         assert torch.allclose(codes, codes.round(), atol=1e-4)
-        assert codes.min() >= qmin - 1e-4 and codes.max() <= qmax + 1e-4
+        assert codes.min() >= grid.qmin - 1e-4 and codes.max() <= grid.qmax + 1e-4
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(bits=1), ValueError, "bits"),
+    (dict(grid=(4, False, None)), TypeError, "grid must be a uniform.Grid"),
+    (dict(grid=uniform.Grid(4, per="token")), ValueError, "grid must have a granularity"),
     (dict(order=[0] * 16), ValueError, "order"),
     (dict(WT=torch.ones(16, 4, dtype=torch.long)), ValueError, "WT"),
-    (dict(grids=None), TypeError, "grids"),
-    (dict(grids={}), ValueError, "key 0"),
-    (dict(group_size=5, grids={}), ValueError, "group_size 5 must divide"),
-    (dict(group_size=8, grids={}, order=list(range(16))[::-1]), ValueError, "every group's grid"),
+    (dict(qparams=None), TypeError, "qparams"),
+    (dict(qparams={}), ValueError, "key 0"),
+    (dict(grid=_grid(4, 5), qparams={}), ValueError, "group_size 5 must divide"),
+    (dict(grid=_grid(4, 8), qparams={}, order=list(range(16))[::-1]), ValueError, "every group's parameters"),
     (dict(block_size=0), ValueError, "block_size"),
 ])
 def test_quantize_columns_rejects_bad_arguments(kwargs, error, match):
-    grid = uniform.compute_qparams(torch.randn(4, 16), 4, False)
-    args = dict(WT=torch.randn(16, 4), U=torch.eye(16), order=list(range(16)), bits=4, symmetric=False,
-                group_size=None, grids={0: grid}) | kwargs
+    qparams = uniform.compute_qparams(torch.randn(4, 16), _grid(4))
+    args = dict(WT=torch.randn(16, 4), U=torch.eye(16), order=list(range(16)), grid=_grid(4),
+                qparams={0: qparams}) | kwargs
     with pytest.raises(error, match=match):
         gptq.quantize_columns(**args)
 
@@ -215,8 +221,8 @@ def test_weighting_the_first_token_protects_it():
     stats = calibration.InputStatistics.from_inputs(x, seq_len=64)
     weight = torch.randn(32, 64, generator=g)
     first = x[::64]
-    uniform_weights = gptq.gptq_quantize(weight, stats.hessian(1.0), 3, group_size=16)[0]
-    weighted = gptq.gptq_quantize(weight, stats.hessian(64.0), 3, group_size=16)[0]
+    uniform_weights = gptq.gptq_quantize(weight, stats.hessian(1.0), _grid(3, 16))[0]
+    weighted = gptq.gptq_quantize(weight, stats.hessian(64.0), _grid(3, 16))[0]
     assert _reconstruction_error(weight, weighted, first) < _reconstruction_error(weight, uniform_weights, first)
 
 
@@ -224,10 +230,10 @@ def test_layers_reading_one_input_are_quantized_as_if_alone(tiny_llama):
     """Stacking q, k, v (one Hessian) into one column loop gives each the result it gets alone."""
     blocks = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     statistics = calibration.input_statistics(tiny_llama, blocks)
-    alone = {name: gptq.gptq_quantize(tiny_llama.get_submodule(name).weight, statistics[name].hessian(), 3,
-                                      group_size=32)[0]
+    alone = {name: gptq.gptq_quantize(tiny_llama.get_submodule(name).weight, statistics[name].hessian(),
+                                      _grid(3, 32))[0]
              for name in ("model.layers.0.self_attn.k_proj", "model.layers.0.mlp.up_proj")}
-    gptq.quantize_model_gptq(tiny_llama, None, 3, group_size=32, statistics=statistics)
+    gptq.quantize_model_gptq(tiny_llama, None, _grid(3, 32), statistics=statistics)
     for name, expected in alone.items():
         torch.testing.assert_close(tiny_llama.get_submodule(name).weight, expected, rtol=0, atol=1e-6)
 
@@ -236,8 +242,8 @@ def test_model_gptq_packs_what_it_simulates():
     from tiny import make_tiny_llama
 
     blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-    simulated = gptq.quantize_model_gptq(make_tiny_llama(), blocks, bits=3, group_size=32)
-    stored = gptq.quantize_model_gptq(make_tiny_llama(), blocks, bits=3, group_size=32, pack=True)
+    simulated = gptq.quantize_model_gptq(make_tiny_llama(), blocks, _grid(3, 32))
+    stored = gptq.quantize_model_gptq(make_tiny_llama(), blocks, _grid(3, 32), pack=True)
     assert sum(isinstance(m, packed.QuantizedLinear) for m in stored.modules()) == 2 * 7
     with torch.no_grad():
         torch.testing.assert_close(stored(blocks).logits, simulated(blocks).logits, rtol=1e-5, atol=1e-5)
@@ -250,9 +256,11 @@ def test_model_gptq_quantizes_in_place_and_checks_first():
     before = [p.clone() for p in model.parameters()]
     blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="group_size 64 must divide in_features of model.layers.0.mlp.down_proj"):
-        gptq.quantize_model_gptq(model, blocks, bits=4, group_size=64)
+        gptq.quantize_model_gptq(model, blocks, _grid(4, 64))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    gptq.quantize_model_gptq(model, blocks, bits=4, group_size=32)
+    with pytest.raises(ValueError, match="grid must have a granularity in \\['channel', 'group'\\], got 'tensor'"):
+        gptq.quantize_model_gptq(model, blocks, uniform.Grid(4, per="tensor"))
+    gptq.quantize_model_gptq(model, blocks, _grid(4, 32))
     changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]
     assert sum(changed) == 2 * 7  # every projection of both layers; embeddings and norms untouched
 
@@ -264,11 +272,11 @@ def test_statistics_captured_once_and_the_error_report():
     model = make_tiny_llama()
     statistics = calibration.input_statistics(model, blocks)
     errors = {}
-    gptq.quantize_model_gptq(model, None, bits=3, group_size=32, statistics=statistics, errors=errors)
+    gptq.quantize_model_gptq(model, None, _grid(3, 32), statistics=statistics, errors=errors)
     assert len(errors) == 2 * 7
     assert all(gptq_error < rtn_error for rtn_error, gptq_error in errors.values())
     with pytest.raises(ValueError, match="exactly one"):
-        gptq.quantize_model_gptq(model, blocks, bits=3, group_size=32, statistics=statistics)
+        gptq.quantize_model_gptq(model, blocks, _grid(3, 32), statistics=statistics)
 
 
 @pytest.mark.slow
@@ -282,7 +290,7 @@ def test_gptq_beats_rtn_on_every_smollm2_layer(smollm2):
     model, tokenizer = smollm2
     blocks = data.token_blocks(tokenizer, data.load_text("shakespeare", "calibration"), seq_len=128, n_blocks=4)
     errors = {}
-    gptq.quantize_model_gptq(copy.deepcopy(model), blocks, bits=3, group_size=64, errors=errors)
+    gptq.quantize_model_gptq(copy.deepcopy(model), blocks, _grid(3, 64), errors=errors)
     assert len(errors) == 30 * 7
     worse = [name for name, (rtn_error, gptq_error) in errors.items() if not gptq_error < rtn_error]
     assert not worse, worse

@@ -48,13 +48,13 @@ def test_unpacking_validates():
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("granularity, group_size", [("tensor", None), ("channel", None), ("group", 32)])
-def test_quantized_linear_computes_with_the_simulated_weight(bits, symmetric, granularity, group_size):
+@pytest.mark.parametrize("setting", [dict(per="tensor"), dict(per="channel"), dict(group_size=32)])
+def test_quantized_linear_computes_with_the_simulated_weight(bits, symmetric, setting):
     torch.manual_seed(bits)
     linear = torch.nn.Linear(64, 24)
-    module = packed.QuantizedLinear.from_linear(linear, bits, symmetric, granularity, group_size)
-    qparams = uniform.compute_qparams(linear.weight, bits, symmetric, granularity, group_size,
-                                      scale_dtype=torch.float16)
+    grid = uniform.Grid(bits, symmetric, **setting)
+    module = packed.QuantizedLinear.from_linear(linear, grid)
+    qparams = uniform.compute_qparams(linear.weight, grid, scale_dtype=torch.float16)
     simulated = uniform.dequantize(uniform.quantize(linear.weight, qparams), qparams, linear.weight.shape)
     assert torch.equal(module.dequantized_weight(), simulated)
     x = torch.randn(5, 64)
@@ -69,15 +69,16 @@ def test_quantized_linear_computes_with_the_simulated_weight(bits, symmetric, gr
     (8, True, 64 * 24 + 48 * 2 + 24 * 4),
 ])
 def test_quantized_linear_bytes_are_what_it_stores(bits, symmetric, expected):
-    module = packed.QuantizedLinear.from_linear(torch.nn.Linear(64, 24), bits, symmetric, "group", 32)
+    module = packed.QuantizedLinear.from_linear(torch.nn.Linear(64, 24), uniform.Grid(bits, symmetric, group_size=32))
     assert model_bytes(module) == expected
 
 
 def test_pack_model_swaps_linears_and_shrinks_the_model(tiny_llama):
     x = torch.randint(0, 128, (1, 16))
-    simulated = uniform.quantize_model_rtn(_copy(tiny_llama), bits=4, group_size=32)
+    grid = uniform.Grid(4, symmetric=False, group_size=32)
+    simulated = uniform.quantize_model_rtn(_copy(tiny_llama), grid)
     fp32_bytes = model_bytes(tiny_llama)
-    packed.pack_model(tiny_llama, bits=4, group_size=32)
+    packed.pack_model(tiny_llama, grid)
     swapped = [m for m in tiny_llama.modules() if isinstance(m, packed.QuantizedLinear)]
     assert len(swapped) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
     assert isinstance(tiny_llama.lm_head, torch.nn.Linear)  # tied to the embedding: skipped
@@ -86,13 +87,14 @@ def test_pack_model_swaps_linears_and_shrinks_the_model(tiny_llama):
         assert torch.equal(tiny_llama(x).logits, simulated(x).logits)
 
 
-@pytest.mark.parametrize("bits, granularity, group_size, skip", [
-    (4, "group", 32, ("lm_head",)), (3, "channel", None, ("lm_head",)), (8, "tensor", None, ("lm_head",)),
-    (4, "group", 32, ()),  # the tied output layer too: its storage stays with the embedding
+@pytest.mark.parametrize("grid, skip", [
+    (uniform.Grid(4, False, group_size=32), ("lm_head",)), (uniform.Grid(3, False), ("lm_head",)),
+    (uniform.Grid(8, False, per="tensor"), ("lm_head",)),
+    (uniform.Grid(4, False, group_size=32), ()),  # the tied output layer too: its storage stays with the embedding
 ])
-def test_packed_size_is_what_pack_model_leaves(tiny_llama, bits, granularity, group_size, skip):
-    expected = packed.packed_size(tiny_llama, bits, False, granularity, group_size, skip)
-    assert model_bytes(packed.pack_model(tiny_llama, bits, False, granularity, group_size, skip)) == expected
+def test_packed_size_is_what_pack_model_leaves(tiny_llama, grid, skip):
+    expected = packed.packed_size(tiny_llama, grid, skip)
+    assert model_bytes(packed.pack_model(tiny_llama, grid, skip)) == expected
 
 
 def test_pack_model_leaves_the_model_untouched_on_error():
@@ -100,22 +102,24 @@ def test_pack_model_leaves_the_model_untouched_on_error():
 
     model = make_tiny_llama(intermediate_size=96)
     with pytest.raises(ValueError, match="group_size 64 must divide"):
-        packed.pack_model(model, bits=4, group_size=64)
+        packed.pack_model(model, uniform.Grid(4, symmetric=False, group_size=64))
     assert not any(isinstance(m, packed.QuantizedLinear) for m in model.modules())
 
 
 def test_from_linear_validates():
     with pytest.raises(TypeError, match="nn.Linear"):
-        packed.QuantizedLinear.from_linear(torch.nn.Conv1d(4, 4, 1), 4)
-    with pytest.raises(ValueError, match="granularity"):
-        packed.QuantizedLinear.from_linear(torch.nn.Linear(8, 8), 4, granularity="token")
+        packed.QuantizedLinear.from_linear(torch.nn.Conv1d(4, 4, 1), uniform.Grid(4))
+    with pytest.raises(ValueError, match="grid must have a granularity in .*, got 'token'"):
+        packed.QuantizedLinear.from_linear(torch.nn.Linear(8, 8), uniform.Grid(4, per="token"))
+    with pytest.raises(TypeError, match="grid must be a uniform.Grid"):
+        packed.QuantizedLinear.from_linear(torch.nn.Linear(8, 8), 4)
 
 
 def _grid_weight(bits=3, group_size=16, seed=0):
     """A weight that lies on a given grid, as GPTQ leaves it: codes chosen freely, not by rounding."""
     g = torch.Generator().manual_seed(seed)
     linear = torch.nn.Linear(64, 8)
-    qparams = uniform.compute_qparams(linear.weight, bits, False, "group", group_size, scale_dtype=torch.float16)
+    qparams = uniform.compute_qparams(linear.weight, uniform.Grid(bits, False, group_size), scale_dtype=torch.float16)
     codes = torch.randint(0, 2**bits, (8, 64 // group_size, group_size), generator=g, dtype=torch.int32)
     with torch.no_grad():
         linear.weight.copy_(uniform.dequantize(codes, qparams, (8, 64)))
@@ -124,14 +128,14 @@ def _grid_weight(bits=3, group_size=16, seed=0):
 
 def test_from_linear_reads_codes_off_a_given_grid():
     linear, qparams = _grid_weight()
-    module = packed.QuantizedLinear.from_linear(linear, 3, False, "group", 16, qparams=qparams)
+    module = packed.QuantizedLinear.from_linear(linear, uniform.Grid(3, False, group_size=16), qparams=qparams)
     assert torch.equal(module.dequantized_weight(), linear.weight)
     with torch.no_grad():
         linear.weight[0, 0] += 0.3 * qparams.scale[0, 0, 0]  # a third of a step off the grid
     with pytest.raises(ValueError, match="not on the grid"):
-        packed.QuantizedLinear.from_linear(linear, 3, False, "group", 16, qparams=qparams)
+        packed.QuantizedLinear.from_linear(linear, uniform.Grid(3, False, group_size=16), qparams=qparams)
     with pytest.raises(ValueError, match="another grid"):
-        packed.QuantizedLinear.from_linear(linear, 4, False, "group", 16, qparams=qparams)
+        packed.QuantizedLinear.from_linear(linear, uniform.Grid(4, False, group_size=16), qparams=qparams)
 
 
 def test_input_scale_packs_awq_form():
@@ -139,16 +143,17 @@ def test_input_scale_packs_awq_form():
     linear = torch.nn.Linear(64, 8)
     s = torch.rand(64) + 0.5
     s16 = s.half().float()
-    simulated = uniform.fake_quantize(linear.weight * s16, 4, False, "group", 16, torch.float16) / s16
+    grid = uniform.Grid(4, symmetric=False, group_size=16)
+    simulated = uniform.fake_quantize(linear.weight * s16, grid, torch.float16) / s16
     with torch.no_grad():
         linear.weight.copy_(simulated)
-    qparams = uniform.compute_qparams(linear.weight * s16, 4, False, "group", 16, scale_dtype=torch.float16)
-    module = packed.QuantizedLinear.from_linear(linear, 4, False, "group", 16, qparams=qparams, input_scale=s)
+    qparams = uniform.compute_qparams(linear.weight * s16, grid, scale_dtype=torch.float16)
+    module = packed.QuantizedLinear.from_linear(linear, grid, qparams=qparams, input_scale=s)
     torch.testing.assert_close(module.dequantized_weight(), simulated, rtol=1e-6, atol=1e-7)
-    plain = packed.QuantizedLinear.from_linear(torch.nn.Linear(64, 8), 4, False, "group", 16)
+    plain = packed.QuantizedLinear.from_linear(torch.nn.Linear(64, 8), grid)
     assert model_bytes(module) - model_bytes(plain) == 64 * 2  # one float16 scale per input feature
     with pytest.raises(ValueError, match="input_scale"):
-        packed.QuantizedLinear.from_linear(linear, 4, input_scale=torch.ones(63))
+        packed.QuantizedLinear.from_linear(linear, grid, input_scale=torch.ones(63))
 
 
 @pytest.mark.parametrize("double_quant", [False, True])

@@ -20,12 +20,17 @@ def _blocks(seed=0, n=4, length=16):
     return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
+def _grid(bits, group_size=32):
+    return uniform.Grid(bits, symmetric=False, group_size=group_size)
+
+
 @pytest.mark.parametrize("learnable_scale", [False, True])
 def test_starts_at_rtn_and_passes_gradients_straight_through(learnable_scale):
     torch.manual_seed(0)
     linear = nn.Linear(128, 16, bias=False)
-    layer = qat.FakeQuantLinear(linear, 3, group_size=32, learnable_scale=learnable_scale)
-    rtn = uniform.fake_quantize(linear.weight.detach(), 3, False, "group", 32, uniform.WEIGHT_SCALE_DTYPE)
+    grid = uniform.Grid(3, symmetric=False, group_size=32)
+    layer = qat.FakeQuantLinear(linear, grid, learnable_scale=learnable_scale)
+    rtn = uniform.fake_quantize(linear.weight.detach(), grid, uniform.WEIGHT_SCALE_DTYPE)
     torch.testing.assert_close(layer.quantized_weight(), rtn, rtol=0, atol=1e-6)
     x = torch.randn(5, 128, requires_grad=True)
     layer(x).pow(2).sum().backward()
@@ -45,13 +50,13 @@ def test_lsq_step_size_gradient_is_eq3_with_clipped_weights():
     linear = nn.Linear(8, 2, bias=False)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(2, 8, generator=torch.Generator().manual_seed(0)))
-    layer = qat.FakeQuantLinear(linear, 3, granularity="channel", learnable_scale=True)
+    layer = qat.FakeQuantLinear(linear, uniform.Grid(3, symmetric=False), learnable_scale=True)
     with torch.no_grad():
         layer.scale.mul_(0.6)  # a finer grid than the range needs: some weights now clip
     c = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
     (layer.quantized_weight() * c).sum().backward()
     s, z = layer.qparams().scale, layer.zero_point  # [2, 1]: the stored (float16) step sizes
-    qmin, qmax = uniform.code_range(3, False)
+    qmin, qmax = layer.grid.qmin, layer.grid.qmax
     v = layer.weight.detach() / s
     codes = torch.round(v) + z
     inside = (codes >= qmin) & (codes <= qmax)
@@ -66,7 +71,7 @@ def test_lsq_step_size_gradient_is_eq3_with_clipped_weights():
 def test_conversion_gives_back_the_original_dtype():
     linear = nn.Linear(64, 8).to(torch.bfloat16)
     model = nn.Sequential(linear)
-    qat.prepare_qat(model, 4, group_size=32)
+    qat.prepare_qat(model, _grid(4))
     qat.convert_qat(model)
     assert isinstance(model[0], nn.Linear) and model[0].weight.dtype == torch.bfloat16
 
@@ -78,7 +83,7 @@ def _distill(student, teacher, blocks, steps, lr=1e-3):
 def test_distillation_from_the_float_model_is_forward_kl_on_the_shared_loop(tiny_llama):
     """LLM-QAT's objective: the same updates as the training loop with forward KL to the teacher."""
     teacher = copy.deepcopy(tiny_llama)
-    students = [qat.prepare_qat(copy.deepcopy(tiny_llama), 3, group_size=32) for _ in range(2)]
+    students = [qat.prepare_qat(copy.deepcopy(tiny_llama), _grid(3)) for _ in range(2)]
     batches = qat.interleaved_batches(_blocks(n=4), 2)
     config = training.TrainConfig(steps=3, lr=1e-3)
     log = qat.distill_from_float(students[0], teacher, batches, config)
@@ -113,7 +118,7 @@ def test_distillation_checks_its_arguments_first(tiny_llama):
     teacher = copy.deepcopy(tiny_llama)
     with pytest.raises(ValueError, match="prepare_qat"):
         qat.distill_from_float(tiny_llama, teacher, [_blocks()])
-    student = qat.prepare_qat(tiny_llama, 3, group_size=32)
+    student = qat.prepare_qat(tiny_llama, _grid(3))
     with pytest.raises(TypeError, match="teacher"):
         qat.distill_from_float(student, "teacher", [_blocks()])
 
@@ -121,7 +126,7 @@ def test_distillation_checks_its_arguments_first(tiny_llama):
 @pytest.mark.parametrize("learnable_scale, a_bits", [(False, None), (True, None), (False, 8)])
 def test_qat_lowers_the_distillation_loss_and_converts_to_what_it_trained(tiny_llama, learnable_scale, a_bits):
     teacher = copy.deepcopy(tiny_llama)
-    student = qat.prepare_qat(tiny_llama, 2, group_size=32, learnable_scale=learnable_scale, a_bits=a_bits)
+    student = qat.prepare_qat(tiny_llama, _grid(2), learnable_scale=learnable_scale, a_bits=a_bits)
     scales = [m.scale.detach().clone() for m in student.modules() if isinstance(m, qat.FakeQuantLinear) and m.scale is not None]
     blocks = _blocks()
     log = _distill(student, teacher, blocks, steps=30, lr=3e-3)
@@ -165,17 +170,19 @@ def test_the_kv_cache_trains_through_its_rounding(tiny_llama):
 def test_validation_leaves_the_model_untouched(tiny_llama):
     names = [n for n, _ in tiny_llama.named_modules()]
     with pytest.raises(ValueError, match="group_size 48 must divide"):
-        qat.prepare_qat(tiny_llama, 4, group_size=48)
+        qat.prepare_qat(tiny_llama, _grid(4, 48))
+    with pytest.raises(TypeError, match="grid must be a uniform.Grid"):
+        qat.prepare_qat(tiny_llama, 4)
     with pytest.raises(ValueError, match="bits"):
-        qat.prepare_qat(tiny_llama, 1)
-    with pytest.raises(ValueError, match="granularity"):
-        qat.prepare_qat(tiny_llama, 4, granularity="tensor")
+        qat.prepare_qat(tiny_llama, _grid(4), a_bits=1)
+    with pytest.raises(ValueError, match="grid must have a granularity in \\['channel', 'group'\\], got 'tensor'"):
+        qat.prepare_qat(tiny_llama, uniform.Grid(4, symmetric=False, per="tensor"))
     with pytest.raises(TypeError, match="learnable_scale"):
-        qat.prepare_qat(tiny_llama, 4, learnable_scale=1)
+        qat.prepare_qat(tiny_llama, _grid(4, 64), learnable_scale=1)
     assert [n for n, _ in tiny_llama.named_modules()] == names
     with pytest.raises(ValueError, match="prepare_qat first"):
         qat.convert_qat(tiny_llama)
-    qat.prepare_qat(tiny_llama, 4, group_size=32, a_bits=8)
+    qat.prepare_qat(tiny_llama, _grid(4), a_bits=8)
     with pytest.raises(ValueError, match="pack=True"):
         qat.convert_qat(tiny_llama, pack=True)
     with pytest.raises(ValueError, match="n_blocks"):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from refimpl import calibration
-from refimpl.quantization import activation, smoothquant
+from refimpl.quantization import activation, smoothquant, uniform
 from refimpl.quantization.activation import ActivationQuantizedLinear
 
 
@@ -55,12 +55,12 @@ def test_smoothing_fixes_channel_outliers_for_per_token_w8a8():
     layer = nn.Linear(64, 32, bias=False)
     nn.init.normal_(layer.weight, std=0.05, generator=g)
     reference = layer(x)
-    naive = ActivationQuantizedLinear(layer, w_bits=8, a_bits=8, act_granularity="token")
+    naive = ActivationQuantizedLinear(layer, weight_grid=uniform.Grid(8), act_grid=uniform.Grid(8, per="token"))
     s = smoothquant.smoothing_factors(x.abs().amax(dim=0), [layer.weight], alpha=0.5)
     smoothed_layer = nn.Linear(64, 32, bias=False)
     with torch.no_grad():
         smoothed_layer.weight.copy_(layer.weight * s)  # diag(s) W
-    smoothed = ActivationQuantizedLinear(smoothed_layer, w_bits=8, a_bits=8, act_granularity="token")
+    smoothed = ActivationQuantizedLinear(smoothed_layer, weight_grid=uniform.Grid(8), act_grid=uniform.Grid(8, per="token"))
     torch.testing.assert_close(smoothed_layer(x / s), reference, rtol=1e-4, atol=1e-4)  # Eq. 2: exact in fp
     naive_error, smoothed_error = _relative_error(naive(x), reference), _relative_error(smoothed(x / s), reference)
     assert smoothed_error < naive_error / 3
@@ -92,8 +92,8 @@ def _outlier_llama(tiny_llama):
     return tiny_llama
 
 
-@pytest.mark.parametrize("act_granularity, static", [("token", False), ("tensor", False), ("tensor", True)])
-def test_smoothing_reduces_w8a8_error_with_outlier_channels(tiny_llama, act_granularity, static):
+@pytest.mark.parametrize("per, static", [("token", False), ("tensor", False), ("tensor", True)])
+def test_smoothing_reduces_w8a8_error_with_outlier_channels(tiny_llama, per, static):
     """Naive W8A8 vs SmoothQuant + W8A8 on a tiny Llama whose norms produce two outlier channels."""
     blocks = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
     model = _outlier_llama(tiny_llama)
@@ -104,7 +104,7 @@ def test_smoothing_reduces_w8a8_error_with_outlier_channels(tiny_llama, act_gran
         candidate = copy.deepcopy(model)
         if name == "smoothed":
             smoothquant.smooth_model(candidate, blocks, alpha=0.5)
-        activation.quantize_model_w8a8(candidate, blocks, act_granularity=act_granularity, static=static)
+        activation.quantize_model_w8a8(candidate, blocks, act_grid=uniform.Grid(8, per=per), static=static)
         with torch.no_grad():
             errors[name] = _relative_error(candidate(blocks).logits, reference)
     assert errors["smoothed"] < 0.7 * errors["naive"]

@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 
 from refimpl.quantization import uniform
 
-SETTINGS = [("tensor", None), ("channel", None), ("group", 8), ("token", None)]
+SETTINGS = [dict(per="tensor"), dict(per="channel"), dict(group_size=8), dict(per="token")]
 
 
 def _scales_per_element(x, qparams):
-    g = uniform.grouped(x, qparams.granularity, qparams.group_size)
+    g = uniform.grouped(x, qparams.grid)
     return qparams.scale.expand_as(g).reshape(x.shape)
 
 
@@ -22,11 +22,10 @@ def _scales_per_element(x, qparams):
 @given(bits=st.integers(2, 8), symmetric=st.booleans(), setting=st.sampled_from(SETTINGS),
        seed=st.integers(0, 2**16), rows=st.integers(1, 5), spread=st.floats(1e-3, 1e3))
 def test_rounding_error_is_at_most_half_a_step(bits, symmetric, setting, seed, rows, spread):
-    granularity, group_size = setting
     x = torch.randn(rows, 16, generator=torch.Generator().manual_seed(seed)) * spread
-    qparams = uniform.compute_qparams(x, bits, symmetric, granularity, group_size)
+    qparams = uniform.compute_qparams(x, uniform.Grid(bits, symmetric, **setting))
     codes = uniform.quantize(x, qparams)
-    assert qparams.qmin <= codes.min() and codes.max() <= qparams.qmax
+    assert qparams.grid.qmin <= codes.min() and codes.max() <= qparams.grid.qmax
     error = (uniform.dequantize(codes, qparams, x.shape) - x).abs()
     assert (error <= _scales_per_element(x, qparams) * (0.5 + 1e-5)).all()
 
@@ -35,10 +34,9 @@ def test_rounding_error_is_at_most_half_a_step(bits, symmetric, setting, seed, r
 @given(bits=st.integers(2, 8), setting=st.sampled_from(SETTINGS), seed=st.integers(0, 2**16),
        shift=st.floats(-5, 5))
 def test_asymmetric_represents_zero_exactly(bits, setting, seed, shift):
-    granularity, group_size = setting
     x = torch.randn(3, 16, generator=torch.Generator().manual_seed(seed)) + shift
     x[:, ::4] = 0.0  # zeros in every row and group
-    out = uniform.fake_quantize(x, bits, symmetric=False, granularity=granularity, group_size=group_size)
+    out = uniform.fake_quantize(x, uniform.Grid(bits, symmetric=False, **setting))
     assert (out[:, ::4] == 0).all()
 
 
@@ -46,7 +44,7 @@ def test_asymmetric_represents_zero_exactly(bits, setting, seed, shift):
 @given(bits=st.integers(2, 8), seed=st.integers(0, 2**16))
 def test_symmetric_codes_are_odd_functions(bits, seed):
     x = torch.randn(4, 16, generator=torch.Generator().manual_seed(seed))
-    qparams = uniform.compute_qparams(x, bits, symmetric=True)
+    qparams = uniform.compute_qparams(x, uniform.Grid(bits, symmetric=True))
     assert torch.equal(uniform.quantize(-x, qparams), -uniform.quantize(x, qparams))
 
 
@@ -54,22 +52,24 @@ def test_symmetric_codes_are_odd_functions(bits, seed):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_matches_pytorch_fake_quantization_per_channel(bits, symmetric):
     x = torch.randn(32, 48, generator=torch.Generator().manual_seed(bits))
-    qparams = uniform.compute_qparams(x, bits, symmetric, "channel")
+    grid = uniform.Grid(bits, symmetric, per="channel")
+    qparams = uniform.compute_qparams(x, grid)
     reference = torch.fake_quantize_per_channel_affine(
-        x, qparams.scale.view(-1), qparams.zero_point.view(-1).int(), 0, qparams.qmin, qparams.qmax)
-    torch.testing.assert_close(uniform.fake_quantize(x, bits, symmetric, "channel"), reference, rtol=0, atol=0)
+        x, qparams.scale.view(-1), qparams.zero_point.view(-1).int(), 0, grid.qmin, grid.qmax)
+    torch.testing.assert_close(uniform.fake_quantize(x, grid), reference, rtol=0, atol=0)
 
 
 def test_matches_pytorch_fake_quantization_per_tensor():
     x = torch.randn(64, generator=torch.Generator().manual_seed(1)).view(4, 16)
-    qparams = uniform.compute_qparams(x, 8, symmetric=False, granularity="tensor")
+    grid = uniform.Grid(8, symmetric=False, per="tensor")
+    qparams = uniform.compute_qparams(x, grid)
     reference = torch.fake_quantize_per_tensor_affine(x, qparams.scale.item(), int(qparams.zero_point.item()), 0, 255)
-    torch.testing.assert_close(uniform.fake_quantize(x, 8, False, "tensor"), reference, rtol=0, atol=0)
+    torch.testing.assert_close(uniform.fake_quantize(x, grid), reference, rtol=0, atol=0)
 
 
 def test_static_range_saturates_outside_calibration():
     calibration = torch.linspace(-1, 1, 16).view(1, 16)
-    qparams = uniform.compute_qparams(calibration, 8, symmetric=True, granularity="tensor")
+    qparams = uniform.compute_qparams(calibration, uniform.Grid(8, symmetric=True, per="tensor"))
     codes = uniform.quantize(torch.tensor([[-5.0, 0.5, 5.0]]), qparams)
     assert codes.tolist() == [[-127, 64, 127]]
 
@@ -77,23 +77,47 @@ def test_static_range_saturates_outside_calibration():
 def test_finer_granularity_is_never_worse_on_outlier_rows():
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
     x[0] *= 50  # one outlier row
-    error = {g: (uniform.fake_quantize(x, 4, True, g, s) - x).pow(2).mean().item()
-             for g, s in [("tensor", None), ("channel", None), ("group", 16)]}
+    error = {grid.granularity: (uniform.fake_quantize(x, grid) - x).pow(2).mean().item()
+             for grid in [uniform.Grid(4, per="tensor"), uniform.Grid(4), uniform.Grid(4, group_size=16)]}
     assert error["group"] <= error["channel"] < error["tensor"]
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(bits=1), ValueError, "bits must be an int in \\[2, 8\\]"),
+    (dict(bits=1), ValueError, "bits must be an int in \\[2, 8\\], got 1"),
     (dict(bits=9), ValueError, "bits"),
     (dict(bits=True), ValueError, "bits"),
-    (dict(bits=4, granularity="row"), ValueError, "granularity must be one of"),
-    (dict(bits=4, granularity="group", group_size=5), ValueError, "group_size 5 must divide"),
-    (dict(bits=4, granularity="group", group_size=0), ValueError, "group_size"),
-    (dict(bits=4, granularity="channel", group_size=8), ValueError, "group_size is only used"),
+    (dict(bits=4.0), ValueError, "bits"),
+    (dict(bits=4, symmetric=1), TypeError, "symmetric must be a bool"),
+    (dict(bits=4, symmetric=None), TypeError, "symmetric must be a bool"),
+    (dict(bits=4, per="row"), ValueError, "per must be one of \\['tensor', 'channel', 'token'\\]"),
+    (dict(bits=4, per="group"), ValueError, "per must be one of"),
+    (dict(bits=4, group_size=0), ValueError, "group_size must be a positive int, got 0"),
+    (dict(bits=4, group_size=8.0), ValueError, "group_size must be a positive int"),
+    (dict(bits=4, group_size=True), ValueError, "group_size must be a positive int"),
+    (dict(bits=4, group_size=8, per="token"), ValueError, "group_size .* needs per='channel', got per='token'"),
+    (dict(bits=4, group_size=8, per="tensor"), ValueError, "group_size .* needs per='channel'"),
 ])
-def test_bad_arguments_name_the_parameter(kwargs, error, match):
+def test_bad_grids_name_the_parameter(kwargs, error, match):
     with pytest.raises(error, match=match):
-        uniform.compute_qparams(torch.randn(4, 16), **kwargs)
+        uniform.Grid(**kwargs)
+
+
+def test_grid_granularity_and_code_range():
+    assert uniform.Grid(4).granularity == "channel"
+    assert uniform.Grid(4, per="token").granularity == "token"
+    assert uniform.Grid(4, group_size=64).granularity == "group"
+    assert (uniform.Grid(4).qmin, uniform.Grid(4).qmax) == (-7, 7)
+    assert (uniform.Grid(4, symmetric=False).qmin, uniform.Grid(4, symmetric=False).qmax) == (0, 15)
+    assert (uniform.Grid(8).qmin, uniform.Grid(8, symmetric=False).qmax) == (-127, 255)
+
+
+@pytest.mark.parametrize("grid, error, match", [
+    (uniform.Grid(4, group_size=5), ValueError, "group_size 5 must divide the last dimension \\(16\\)"),
+    (4, TypeError, "grid must be a uniform.Grid, got int"),
+])
+def test_bad_arguments_name_the_parameter(grid, error, match):
+    with pytest.raises(error, match=match):
+        uniform.compute_qparams(torch.randn(4, 16), grid)
 
 
 @pytest.mark.parametrize("x, error, match", [
@@ -105,7 +129,7 @@ def test_bad_arguments_name_the_parameter(kwargs, error, match):
 ])
 def test_bad_inputs_are_rejected(x, error, match):
     with pytest.raises(error, match=match):
-        uniform.fake_quantize(x, 4)
+        uniform.fake_quantize(x, uniform.Grid(4))
 
 
 @pytest.mark.parametrize("x, error, match", [
@@ -121,14 +145,14 @@ def test_check_input_names_the_parameter(x, error, match):
 
 
 def test_qparams_must_fit_the_input():
-    qparams = uniform.compute_qparams(torch.randn(4, 16), 4)
+    qparams = uniform.compute_qparams(torch.randn(4, 16), uniform.Grid(4))
     with pytest.raises(ValueError, match="qparams do not fit"):
         uniform.quantize(torch.randn(3, 16), qparams)
 
 
 def test_rtn_quantizes_every_linear_but_the_output_layer(tiny_llama):
     before = {n: p.clone() for n, p in tiny_llama.named_parameters()}
-    uniform.quantize_model_rtn(tiny_llama, bits=3, group_size=16)
+    uniform.quantize_model_rtn(tiny_llama, uniform.Grid(3, symmetric=False, group_size=16))
     for name, param in tiny_llama.named_parameters():
         changed = not torch.equal(param, before[name])
         is_linear = name.endswith("proj.weight")
@@ -144,20 +168,30 @@ def test_rtn_leaves_the_model_untouched_on_error():
     model = make_tiny_llama(intermediate_size=96)  # down_proj has 96 inputs, every other layer 64
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="group_size 64 must divide the last dimension \\(96\\)"):
-        uniform.quantize_model_rtn(model, bits=4, group_size=64)
+        uniform.quantize_model_rtn(model, uniform.Grid(4, symmetric=False, group_size=64))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_rtn_needs_linear_layers():
     with pytest.raises(ValueError, match="no nn.Linear"):
-        uniform.quantize_model_rtn(torch.nn.Sequential(torch.nn.ReLU()), bits=4)
+        uniform.quantize_model_rtn(torch.nn.Sequential(torch.nn.ReLU()), uniform.Grid(4, symmetric=False, group_size=64))
+
+
+@pytest.mark.parametrize("grid, error, match", [
+    (uniform.Grid(4, per="token"), ValueError, "grid must have a granularity in \\['tensor', 'channel', 'group'\\], "
+                                               "got 'token'"),
+    ((4, False, "group", 64), TypeError, "grid must be a uniform.Grid"),
+])
+def test_rtn_takes_a_weight_grid(tiny_llama, grid, error, match):
+    with pytest.raises(error, match=match):
+        uniform.quantize_model_rtn(tiny_llama, grid)
 
 
 def test_small_groups_keep_their_own_step_in_float16_scales():
     """A scale below float16's smallest normal value (6.1e-5) is stored as a subnormal, not floored:
     8-bit codes of a group with absmax 1e-3 keep a step of about 1e-3 / 127."""
     w = torch.linspace(-1e-3, 1e-3, 64).reshape(1, 64)
-    w_hat = uniform.fake_quantize(w, 8, True, "group", 64, torch.float16)
+    w_hat = uniform.fake_quantize(w, uniform.Grid(8, symmetric=True, group_size=64), torch.float16)
     assert (w_hat - w).abs().max() < 1e-5
-    assert torch.equal(uniform.fake_quantize(torch.zeros(1, 64), 4, False, "group", 64, torch.float16),
-                       torch.zeros(1, 64))
+    assert torch.equal(uniform.fake_quantize(torch.zeros(1, 64), uniform.Grid(4, symmetric=False, group_size=64),
+                                             torch.float16), torch.zeros(1, 64))

@@ -28,15 +28,17 @@ def _relative_error(model, reference) -> float:
 
 def test_zeroquant_is_group_weights_and_dynamic_token_activations(tiny_llama):
     original = {n: m.weight.clone() for n, m in tiny_llama.named_modules() if isinstance(m, nn.Linear)}
-    same_config = activation.quantize_model_w8a8(copy.deepcopy(tiny_llama), w_bits=4, a_bits=8,
-                                                 weight_granularity="group", group_size=32, act_granularity="token")
-    zeroquant.quantize_model_zeroquant(tiny_llama, w_bits=4, group_size=32, a_bits=8)
+    weight_grid, act_grid = uniform.Grid(4, group_size=32), uniform.Grid(8, per="token")
+    same_config = activation.quantize_model_w8a8(copy.deepcopy(tiny_llama), weight_grid=weight_grid, act_grid=act_grid)
+    zeroquant.quantize_model_zeroquant(tiny_llama, weight_grid, act_grid)
     layers = {n: m for n, m in tiny_llama.named_modules() if isinstance(m, ActivationQuantizedLinear)}
     assert len(layers) == 14
     for name, layer in layers.items():
-        assert (layer.weight_granularity, layer.group_size, layer.act_granularity) == ("group", 32, "token")
+        assert (layer.weight_grid.granularity, layer.weight_grid.group_size, layer.act_grid.granularity) == (
+            "group", 32, "token")
+        assert layer.weight_grid.symmetric and layer.act_grid.symmetric
         assert layer.input_scale is None  # dynamic: no calibrated range
-        expected = uniform.fake_quantize(original[name], 4, True, "group", 32, uniform.WEIGHT_SCALE_DTYPE)
+        expected = uniform.fake_quantize(original[name], uniform.Grid(4, True, 32), uniform.WEIGHT_SCALE_DTYPE)
         assert torch.equal(layer.weight, expected)
     with torch.no_grad():
         assert torch.equal(tiny_llama(BLOCKS).logits, same_config(BLOCKS).logits)
@@ -50,16 +52,20 @@ def test_group_wise_beats_per_row_at_4_bits(tiny_llama):
             rows = torch.arange(linear.out_features)
             linear.weight[rows, torch.randint(0, linear.in_features, (linear.out_features,), generator=g)] *= 10
         reference = tiny_llama(BLOCKS).logits
-    per_row = zeroquant.quantize_model_zeroquant(copy.deepcopy(tiny_llama), w_bits=4, group_size=None, a_bits=None)
-    groups = zeroquant.quantize_model_zeroquant(copy.deepcopy(tiny_llama), w_bits=4, group_size=16, a_bits=None)
+    per_row = zeroquant.quantize_model_zeroquant(copy.deepcopy(tiny_llama), uniform.Grid(4), act_grid=None)
+    groups = zeroquant.quantize_model_zeroquant(copy.deepcopy(tiny_llama), uniform.Grid(4, group_size=16), act_grid=None)
     assert _relative_error(groups, reference) < 0.7 * _relative_error(per_row, reference)
 
 
 def test_zeroquant_validation(tiny_llama):
     with pytest.raises(ValueError, match="group_size 48"):
-        zeroquant.quantize_model_zeroquant(tiny_llama, group_size=48)
-    with pytest.raises(ValueError, match="w_bits"):
-        zeroquant.quantize_model_zeroquant(tiny_llama, w_bits=16)
+        zeroquant.quantize_model_zeroquant(tiny_llama, uniform.Grid(8, group_size=48))
+    with pytest.raises(TypeError, match="weight_grid must be a uniform.Grid"):
+        zeroquant.quantize_model_zeroquant(tiny_llama, 16)
+    with pytest.raises(ValueError, match="weight_grid must have a granularity in \\['channel', 'group'\\]"):
+        zeroquant.quantize_model_zeroquant(tiny_llama, uniform.Grid(8, per="tensor"))
+    with pytest.raises(ValueError, match="act_grid must have a granularity in \\['token'\\], got 'tensor'"):
+        zeroquant.quantize_model_zeroquant(tiny_llama, act_grid=uniform.Grid(8, per="tensor"))
     assert not any(isinstance(m, ActivationQuantizedLinear) for m in tiny_llama.modules())
 
 
@@ -67,7 +73,7 @@ def test_layerwise_distillation_lowers_each_layers_error(tiny_llama):
     with torch.no_grad():
         reference = tiny_llama(BLOCKS).logits
     teacher = {n: p.clone() for n, p in tiny_llama.named_parameters()}
-    student = zeroquant.quantize_model_zeroquant(copy.deepcopy(tiny_llama), w_bits=4, group_size=32)
+    student = zeroquant.quantize_model_zeroquant(copy.deepcopy(tiny_llama), uniform.Grid(4, group_size=32))
     rtn_weights = {n: m.weight.clone() for n, m in student.named_modules() if isinstance(m, ActivationQuantizedLinear)}
     error_before = _relative_error(student, reference)
     losses = zeroquant.layerwise_distill(tiny_llama, student, BLOCKS, steps=30, lr=1e-4, batch_size=2)

@@ -19,7 +19,7 @@ from refimpl.distillation import cache
 from refimpl.effects.context import Applied, Context, RowSkipped
 from refimpl.effects.table import table_stem
 from refimpl.pruning import magnitude, sparsegpt, structured, wanda
-from refimpl.quantization import (activation, awq, formats, gptq, llm_int8, packed, qat, smoothquant,
+from refimpl.quantization import (activation, awq, formats, gptq, llm_int8, packed, qat, smoothquant, uniform,
                                   zeroquant)
 
 GROUP = 64  # the group size of every 4-bit and 3-bit row (the model's own 4-bit grid uses 32: chapter 00)
@@ -43,7 +43,7 @@ def unchanged(model: nn.Module, ctx: Context) -> Applied:
 
 
 def rtn(model: nn.Module, ctx: Context, bits: int, group_size: int | None) -> Applied:
-    return Applied(packed.pack_model(model, bits, False, "channel" if group_size is None else "group", group_size))
+    return Applied(packed.pack_model(model, uniform.Grid(bits, symmetric=False, group_size=group_size)))
 
 
 def nf4(model: nn.Module, ctx: Context) -> Applied:
@@ -60,13 +60,13 @@ def gptq_w4(model: nn.Module, ctx: Context, on_base: bool = True) -> Applied:
     """GPTQ 4-bit in groups of 64, sink weighted (chapter 03), packed; calibrated on the unmodified
     model's statistics (``on_base``) or on ``model``'s own (a combination's second step)."""
     stats = ctx.statistics("ptq", None if on_base else model)
-    return Applied(gptq.quantize_model_gptq(model, None, 4, group_size=GROUP, statistics=stats,
-                                            first_token_weight=sink_weight(ctx), pack=True))
+    return Applied(gptq.quantize_model_gptq(model, None, uniform.Grid(4, symmetric=False, group_size=GROUP),
+                                            statistics=stats, first_token_weight=sink_weight(ctx), pack=True))
 
 
 def awq_w4(model: nn.Module, ctx: Context) -> Applied:
-    return Applied(awq.quantize_model_awq(model, None, 4, group_size=GROUP, statistics=ctx.statistics("ptq"),
-                                          n_grid=10, pack=True))
+    return Applied(awq.quantize_model_awq(model, None, uniform.Grid(4, symmetric=False, group_size=GROUP),
+                                          statistics=ctx.statistics("ptq"), n_grid=10, pack=True))
 
 
 def llm_int8_(model: nn.Module, ctx: Context) -> Applied:
@@ -75,13 +75,16 @@ def llm_int8_(model: nn.Module, ctx: Context) -> Applied:
 
 def smoothquant_w8a8(model: nn.Module, ctx: Context) -> Applied:
     smoothed = smoothquant.smooth_model(model, None, 0.8, smooth_down_proj=True, statistics=ctx.statistics("ptq"))
-    stored = packed.packed_size(smoothed, 8, True, "channel", None)  # the int8 weights as stored
-    return Applied(activation.quantize_model_w8a8(smoothed, act_granularity="tensor"), stored_bytes=stored)
+    stored = packed.packed_size(smoothed, uniform.Grid(8))  # the int8 weights as stored
+    return Applied(activation.quantize_model_w8a8(smoothed, act_grid=uniform.Grid(8, per="tensor")),
+                   stored_bytes=stored)
 
 
 def zeroquant_w8a8(model: nn.Module, ctx: Context) -> Applied:
-    stored = packed.packed_size(model, 8, True, "group", GROUP)  # the int8 weights as stored
-    return Applied(zeroquant.quantize_model_zeroquant(model, 8, GROUP, 8), stored_bytes=stored)
+    weight_grid = uniform.Grid(8, group_size=GROUP)
+    stored = packed.packed_size(model, weight_grid)  # the int8 weights as stored
+    return Applied(zeroquant.quantize_model_zeroquant(model, weight_grid, uniform.Grid(8, per="token")),
+                   stored_bytes=stored)
 
 
 def llm_qat(model: nn.Module, ctx: Context) -> Applied:
@@ -92,7 +95,7 @@ def llm_qat(model: nn.Module, ctx: Context) -> Applied:
     text = torch.cat([data.token_blocks(ctx.tokenizer, data.load_text(name, "calibration"),
                                         qat.DISTILLATION_SEQ_LEN, steps) for name in data.CORPORA])  # [2 steps, L]
     model.requires_grad_(False)  # only the latent weights of the quantized layers train (chapter 04: all)
-    student = qat.prepare_qat(model, QAT_BITS, group_size=GROUP)
+    student = qat.prepare_qat(model, uniform.Grid(QAT_BITS, symmetric=False, group_size=GROUP))
     qat.distill_from_float(student, ctx.base, qat.interleaved_batches(text, steps))
     return Applied(qat.convert_qat(student, pack=True))
 
@@ -178,8 +181,7 @@ def _restore_zeros(model: nn.Module, keep: dict[str, torch.Tensor]) -> None:
         layer = model.get_submodule(name)
         weight = layer.dequantized_weight() * kept  # [out, in]
         replacements[name] = packed.QuantizedLinear.from_linear(
-            anatomy.linear_from_weight(weight, layer.bias), layer.bits, layer.symmetric, layer.granularity,
-            layer.group_size, qparams=layer.qparams(), weight=weight)
+            anatomy.linear_from_weight(weight, layer.bias), layer.grid, qparams=layer.qparams(), weight=weight)
     anatomy.swap_linears(model, replacements)
 
 

@@ -19,7 +19,7 @@ This module simulates that ("fake" quantization, on the shared grid of
 :mod:`refimpl.quantization.uniform`): :class:`ActivationQuantizedLinear` holds the dequantized weight and
 rounds its input to the activation grid in ``forward``; :func:`quantize_model_w8a8` swaps it in for
 the linear layers of a model. SmoothQuant (:mod:`~refimpl.quantization.smoothquant`) and ZeroQuant
-(:mod:`~refimpl.quantization.zeroquant`) are configurations of it; ``a_bits=None`` gives weight-only.
+(:mod:`~refimpl.quantization.zeroquant`) are configurations of it; ``act_grid=None`` gives weight-only.
 """
 
 from __future__ import annotations
@@ -30,21 +30,20 @@ from torch import nn
 
 from refimpl import anatomy, calibration
 from refimpl._rollback import restores_on_error
-from refimpl._validation import check_choice, check_linear_input, check_positive_int
+from refimpl._validation import check_linear_input
 from refimpl.quantization import uniform
 
-WEIGHT_GRANULARITIES = ("tensor", "channel", "group")
+#: The granularities of an activation ``[..., in]``: a scale may not vary along the input channels.
 ACT_GRANULARITIES = ("tensor", "token")
 
 
-def _check_optional_bits(param: str, bits: int | None) -> None:
-    if bits is None:
-        return
-    try:
-        uniform.check_bits(bits)
-    except ValueError:
-        raise ValueError(f"{param} must be None or an int in [{uniform.MIN_BITS}, {uniform.MAX_BITS}], "
-                         f"got {bits!r}") from None
+def _check_grids(weight_grid: uniform.Grid | None, act_grid: uniform.Grid | None) -> None:
+    if weight_grid is not None:
+        uniform.check_grid("weight_grid", weight_grid, uniform.WEIGHT_GRANULARITIES)
+    if act_grid is not None:
+        uniform.check_grid("act_grid", act_grid, ACT_GRANULARITIES)
+    if weight_grid is None and act_grid is None:
+        raise ValueError("weight_grid and act_grid are both None: nothing to quantize")
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -68,35 +67,28 @@ def straight_through(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 class ActivationQuantizedLinear(nn.Module):
     """A linear layer computing with a quantized weight and quantized inputs (simulated).
 
-    The weight is fake-quantized once, here, on ``w_bits`` per ``weight_granularity``; each input is
-    fake-quantized in :meth:`forward` on ``a_bits``: per token or per tensor from its own range
-    (dynamic), or, when ``static_absmax`` is given, per tensor with that calibrated range (static).
-    ``w_bits=None`` keeps the weight in full precision; ``a_bits=None`` keeps the input (weight-only).
+    The weight is fake-quantized once, here, on ``weight_grid`` (per tensor, channel or group); each
+    input is fake-quantized in :meth:`forward` on ``act_grid``: per token or per tensor from its own
+    range (dynamic), or, when ``static_absmax`` is given, per tensor with that calibrated range
+    (static). ``weight_grid=None`` keeps the weight in full precision; ``act_grid=None`` keeps the
+    input (weight-only).
 
     Rounding has no useful gradient; when the input requires one, :meth:`forward` passes it straight
     through the activation quantizer (straight-through estimator), so the module can be trained.
     """
 
-    def __init__(self, linear: nn.Linear, w_bits: int | None = 8, a_bits: int | None = 8,
-                 weight_granularity: str = "channel", group_size: int | None = None,
-                 act_granularity: str = "token", static_absmax: float | torch.Tensor | None = None,
-                 w_symmetric: bool = True, a_symmetric: bool = True):
+    def __init__(self, linear: nn.Linear, weight_grid: uniform.Grid | None = uniform.Grid(8),
+                 act_grid: uniform.Grid | None = uniform.Grid(8, per="token"),
+                 static_absmax: float | torch.Tensor | None = None):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        _check_optional_bits("w_bits", w_bits)
-        _check_optional_bits("a_bits", a_bits)
-        if w_bits is None and a_bits is None:
-            raise ValueError("w_bits and a_bits are both None: nothing to quantize")
-        check_choice("weight_granularity", weight_granularity, WEIGHT_GRANULARITIES)
-        check_choice("act_granularity", act_granularity, ACT_GRANULARITIES)
-        if static_absmax is not None and (act_granularity != "tensor" or not a_symmetric or a_bits is None):
-            raise ValueError("static_absmax (a static range) needs act_granularity='tensor', "
-                             "a_symmetric=True and a_bits set")
+        _check_grids(weight_grid, act_grid)
+        if static_absmax is not None and (act_grid is None or act_grid.granularity != "tensor"
+                                          or not act_grid.symmetric):
+            raise ValueError("static_absmax (a static range) needs a symmetric act_grid per tensor")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.w_bits, self.a_bits = w_bits, a_bits
-        self.weight_granularity, self.group_size = weight_granularity, group_size
-        self.w_symmetric, self.act_granularity, self.a_symmetric = w_symmetric, act_granularity, a_symmetric
+        self.weight_grid, self.act_grid = weight_grid, act_grid
         weight = self.quantize_weight(linear.weight.detach())
         self.weight = nn.Parameter(weight.clone(), requires_grad=False)  # dequantized W, [out, in]
         self.bias = linear.bias  # shared with the original layer, not quantized (added to the int32 output)
@@ -105,27 +97,25 @@ class ActivationQuantizedLinear(nn.Module):
             absmax = torch.as_tensor(static_absmax, dtype=torch.float32).detach().reshape(1, 1)  # [1, 1]
             if not torch.isfinite(absmax).all() or absmax.item() < 0:
                 raise ValueError(f"static_absmax must be a finite number >= 0, got {absmax.item()!r}")
-            qmax = uniform.code_range(a_bits, True)[1]
-            input_scale = (absmax / qmax).clamp_min(torch.finfo(torch.float32).tiny)
+            input_scale = (absmax / act_grid.qmax).clamp_min(torch.finfo(torch.float32).tiny)
         self.register_buffer("input_scale", input_scale)  # static per-tensor scale, or None: dynamic
 
     def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight [out, in]`` on this layer's weight grid (dequantized); unchanged if ``w_bits`` is None."""
-        if self.w_bits is None:
+        """``weight [out, in]`` on this layer's weight grid (dequantized); unchanged if ``weight_grid`` is None."""
+        if self.weight_grid is None:
             return weight
-        return uniform.fake_quantize(weight, self.w_bits, self.w_symmetric, self.weight_granularity, self.group_size,
-                                     uniform.WEIGHT_SCALE_DTYPE)  # scales as a packed layer stores them
+        # scales as a packed layer stores them
+        return uniform.fake_quantize(weight, self.weight_grid, uniform.WEIGHT_SCALE_DTYPE)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input as the integer GEMM sees it (dequantized), ``x [..., in_features]``."""
-        if self.a_bits is None:
+        if self.act_grid is None:
             return x
         if self.input_scale is not None:  # static: the calibrated scale, values beyond it saturate
-            qparams = uniform.QParams(self.input_scale, torch.zeros_like(self.input_scale), self.a_bits, True,
-                                      "tensor", None)
+            qparams = uniform.QParams(self.input_scale, torch.zeros_like(self.input_scale), self.act_grid)
             x_hat = uniform.dequantize(uniform.quantize(x, qparams), qparams, x.shape).to(x.dtype)
         else:  # dynamic: the range of this very input, per tensor or per token
-            x_hat = uniform.fake_quantize(x, self.a_bits, self.a_symmetric, self.act_granularity)
+            x_hat = uniform.fake_quantize(x, self.act_grid)
         return straight_through(x, x_hat) if x.requires_grad and torch.is_grad_enabled() else x_hat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,12 +123,11 @@ class ActivationQuantizedLinear(nn.Module):
         return F.linear(self.quantize_input(x), self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        weight = "fp" if self.w_bits is None else f"int{self.w_bits} per {self.weight_granularity}"
-        if self.group_size:
-            weight += f" of {self.group_size}"
-        act = "fp" if self.a_bits is None else (
-            f"int{self.a_bits} per {self.act_granularity} "
-            f"{'static' if self.input_scale is not None else 'dynamic'}")
+        w, a = self.weight_grid, self.act_grid
+        weight = "fp" if w is None else f"int{w.bits} per {w.granularity}" + (
+            f" of {w.group_size}" if w.group_size else "")
+        act = "fp" if a is None else (
+            f"int{a.bits} per {a.granularity} {'static' if self.input_scale is not None else 'dynamic'}")
         return f"in_features={self.in_features}, out_features={self.out_features}, weight={weight}, input={act}"
 
 
@@ -158,24 +147,19 @@ def activation_absmax(model: nn.Module, blocks: torch.Tensor, batch_size: int = 
 def quantize_model_w8a8(
     model: nn.Module,
     blocks: torch.Tensor | None = None,
-    w_bits: int | None = 8,
-    a_bits: int | None = 8,
-    weight_granularity: str = "channel",
-    group_size: int | None = None,
-    act_granularity: str = "token",
+    weight_grid: uniform.Grid | None = uniform.Grid(8),
+    act_grid: uniform.Grid | None = uniform.Grid(8, per="token"),
     static: bool = False,
     skip: tuple[str, ...] = ("lm_head",),
-    w_symmetric: bool = True,
-    a_symmetric: bool = True,
     batch_size: int = 8,
 ) -> nn.Module:
     """Replace every linear layer of ``model`` (except those named in ``skip``) by an
     :class:`ActivationQuantizedLinear`, in place.
 
     ``static=True`` calibrates one per-tensor input range per layer on ``blocks`` (the absmax of its
-    inputs over all calibration tokens, :func:`activation_absmax`) and needs
-    ``act_granularity='tensor'``; otherwise ranges are dynamic and ``blocks`` is not used.
-    ``a_bits=None`` is weight-only quantization (W8A16 with ``w_bits=8``).
+    inputs over all calibration tokens, :func:`activation_absmax`) and needs a symmetric ``act_grid``
+    per tensor; otherwise ranges are dynamic and ``blocks`` is not used. ``act_grid=None`` is weight-only
+    quantization (W8A16 with the default ``weight_grid``, 8 bits per channel).
 
     Every replacement is built before the first one is swapped in, and any error (bad argument, a layer
     whose weight holds NaN) leaves the model as it was (a copy of its tensors is held during the call).
@@ -185,18 +169,14 @@ def quantize_model_w8a8(
     """
     if not isinstance(static, bool):
         raise TypeError(f"static must be a bool, got {type(static).__name__}")
-    _check_optional_bits("w_bits", w_bits)  # the cheap checks come before the calibration pass
-    _check_optional_bits("a_bits", a_bits)
-    check_choice("weight_granularity", weight_granularity, WEIGHT_GRANULARITIES)
-    check_choice("act_granularity", act_granularity, ACT_GRANULARITIES)
+    _check_grids(weight_grid, act_grid)  # the cheap checks come before the calibration pass
     linears = anatomy.compressed_linears(model, skip)
-    if w_bits is not None and weight_granularity == "group":
-        check_positive_int("group_size", group_size)
-        uniform.check_model_grid(model, w_bits, group_size, skip)
+    if weight_grid is not None and weight_grid.group_size is not None:
+        uniform.check_model_grid(model, weight_grid, skip)
     absmax: dict[str, torch.Tensor] = {}
     if static:
-        if act_granularity != "tensor" or a_bits is None:
-            raise ValueError("static=True calibrates one range per tensor: use act_granularity='tensor' and set a_bits")
+        if act_grid is None or act_grid.granularity != "tensor":
+            raise ValueError("static=True calibrates one range per tensor: use an act_grid with per='tensor'")
         if blocks is None:
             raise ValueError("blocks (calibration token ids) are needed when static=True")
         absmax = activation_absmax(model, blocks, batch_size)
@@ -207,9 +187,8 @@ def quantize_model_w8a8(
     replacements = {}
     for name, linear in linears.items():
         try:
-            replacements[name] = ActivationQuantizedLinear(
-                linear, w_bits, a_bits, weight_granularity, group_size, act_granularity,
-                absmax[name].max() if static else None, w_symmetric, a_symmetric)
+            replacements[name] = ActivationQuantizedLinear(linear, weight_grid, act_grid,
+                                                           absmax[name].max() if static else None)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
     return anatomy.swap_linears(model, replacements)

@@ -50,19 +50,20 @@ def _clamp_groups(weight: torch.Tensor, max_abs: torch.Tensor, group_size: int |
     return torch.maximum(torch.minimum(grouped, max_abs), -max_abs).reshape(weight.shape)
 
 
-def _quantize_scaled(weight: torch.Tensor, scales: torch.Tensor, bits: int, symmetric: bool,
-                     group_size: int | None, max_abs: torch.Tensor | None = None) -> tuple[torch.Tensor, uniform.QParams]:
-    """:math:`Q(W \\mathrm{diag}(s))\\, \\mathrm{diag}(s)^{-1}` with the uniform grid, and the grid of
+def _quantize_scaled(weight: torch.Tensor, scales: torch.Tensor, grid: uniform.Grid,
+                     max_abs: torch.Tensor | None = None) -> tuple[torch.Tensor, uniform.QParams]:
+    """:math:`Q(W \\mathrm{diag}(s))\\, \\mathrm{diag}(s)^{-1}` on ``grid``, and the parameters of
     :math:`Q` (float16 scales, as stored); with ``max_abs``, the scaled weights are clipped first."""
-    granularity = "channel" if group_size is None else "group"
     scaled = weight * scales  # [out, in]: W diag(s)
     if max_abs is not None:
-        scaled = _clamp_groups(scaled, max_abs, group_size)
-    grid = uniform.compute_qparams(scaled, bits, symmetric, granularity, group_size, uniform.WEIGHT_SCALE_DTYPE)
-    return uniform.dequantize(uniform.quantize(scaled, grid), grid, scaled.shape) / scales, grid
+        scaled = _clamp_groups(scaled, max_abs, grid.group_size)
+    qparams = uniform.compute_qparams(scaled, grid, uniform.WEIGHT_SCALE_DTYPE)
+    return uniform.dequantize(uniform.quantize(scaled, qparams), qparams, scaled.shape) / scales, qparams
 
 
-def _check_search(weights: list[torch.Tensor], stats: calibration.InputStatistics, n_grid: int) -> None:
+def _check_search(weights: list[torch.Tensor], stats: calibration.InputStatistics, grid: uniform.Grid,
+                  n_grid: int) -> None:
+    uniform.check_grid("grid", grid, ("channel", "group"))
     if not isinstance(stats, calibration.InputStatistics):
         raise TypeError(f"stats must be calibration.InputStatistics, got {type(stats).__name__}")
     n_in = stats.mean_abs.numel()
@@ -80,9 +81,7 @@ def _check_search(weights: list[torch.Tensor], stats: calibration.InputStatistic
 def search_scales(
     weights: list[torch.Tensor],
     stats: calibration.InputStatistics,
-    bits: int,
-    symmetric: bool = False,
-    group_size: int | None = 64,
+    grid: uniform.Grid,
     n_grid: int = 20,
 ) -> tuple[torch.Tensor, float, list[float]]:
     """Grid-search :math:`\\alpha` for linear layers that share one input (§3.2, Eq. 5): the scales
@@ -94,14 +93,14 @@ def search_scales(
         stats: statistics of their calibration inputs ``X``
             (:class:`~refimpl.calibration.InputStatistics`): :math:`s_X` is its ``mean_abs``, and the
             output error :math:`\\lVert \\hat W X - W X \\rVert^2` is computed from its Gram matrix.
-        bits, symmetric, group_size: the uniform grid (``group_size=None``: per output channel).
+        grid: the uniform grid, per output channel or per group of ``grid.group_size`` inputs.
         n_grid: :math:`\\alpha` takes the values ``0, 1/n_grid, ..., (n_grid-1)/n_grid``.
 
     Returns:
         ``(scales [in], best_alpha, errors)``: the scales (float16-representable), the chosen
         exponent, and the summed output error for every :math:`\\alpha` of the grid.
     """
-    _check_search(weights, stats, n_grid)
+    _check_search(weights, stats, grid, n_grid)
     activation_scale = stats.mean_abs.clamp_min(1e-8)  # s_X: mean |x| per input channel, [in]
     gram = stats.gram  # X^T X [in, in]
     weights = [w.detach().float() for w in weights]
@@ -113,7 +112,7 @@ def search_scales(
         scales = scales.to(uniform.WEIGHT_SCALE_DTYPE).float()  # as a packed layer stores them
         error = 0.0
         for w in weights:
-            delta = _quantize_scaled(w, scales, bits, symmetric, group_size)[0] - w  # [out, in]
+            delta = _quantize_scaled(w, scales, grid)[0] - w  # [out, in]
             error += ((delta @ gram) * delta).sum().item()  # tr(dW X^T X dW^T) = ||dW X||^2
         errors.append(error)
         if error < best[0]:
@@ -125,9 +124,7 @@ def search_scales(
 def search_clipping(
     weight: torch.Tensor,
     gram: torch.Tensor,
-    bits: int,
-    symmetric: bool = False,
-    group_size: int | None = 64,
+    grid: uniform.Grid,
     n_grid: int = 20,
     max_shrink: float = 0.5,
 ) -> torch.Tensor:
@@ -152,13 +149,12 @@ def search_clipping(
     check_finite("weight", weight)
     check_finite("gram", gram)  # NaN errors never win: a group would silently keep r = 1
     check_positive_int("n_grid", n_grid)
-    if group_size is not None:
-        check_positive_int("group_size", group_size)
-        if n_in % group_size:
-            raise ValueError(f"group_size {group_size} must divide in_features ({n_in})")
+    uniform.check_grid("grid", grid, ("channel", "group"))
+    if grid.group_size is not None and n_in % grid.group_size:
+        raise ValueError(f"group_size {grid.group_size} must divide in_features ({n_in})")
     if not 0 < max_shrink < 1:
         raise ValueError(f"max_shrink must be in (0, 1), got {max_shrink!r}")
-    size = group_size or n_in
+    size = grid.group_size or n_in
     weight, gram = weight.detach().float(), gram.detach().to(weight.device, torch.float32)
     grouped = weight.reshape(weight.shape[0], -1, size)  # [out, n_groups, g]
     n_groups = grouped.shape[1]
@@ -168,7 +164,7 @@ def search_clipping(
     best = original.clone()
     for step in range(max(1, int(max_shrink * n_grid))):
         max_abs = original * (1 - step / n_grid)
-        delta = _quantize_scaled(weight, weight.new_ones(n_in), bits, symmetric, group_size, max_abs)[0] - weight
+        delta = _quantize_scaled(weight, weight.new_ones(n_in), grid, max_abs)[0] - weight
         delta = delta.reshape(grouped.shape)  # [out, n_groups, g]
         error = torch.einsum("ogi,gij,ogj->og", delta, blocks, delta)  # [out, n_groups]
         better = error < best_error
@@ -186,9 +182,7 @@ _NOT_CLIPPED = ("q_proj", "k_proj")
 def quantize_model_awq(
     model: torch.nn.Module,
     blocks: torch.Tensor | None,
-    bits: int,
-    symmetric: bool = False,
-    group_size: int | None = 64,
+    grid: uniform.Grid,
     n_grid: int = 20,
     batch_size: int = 8,
     pack: bool = False,
@@ -206,6 +200,7 @@ def quantize_model_awq(
     of :math:`Q(W\\mathrm{diag}(s))` and :math:`s` as its ``input_scale``.
 
     Args:
+        grid: the uniform grid, per output channel or per group of ``grid.group_size`` inputs.
         alphas: if a dict is given, it receives the chosen :math:`\\alpha` of every set of layers that
             share a scale, by the full name of its first layer (``"model.layers.3.self_attn.q_proj"``).
         clip: after the scale search, search a clipping range for every group of weights
@@ -215,26 +210,24 @@ def quantize_model_awq(
         ``model``, modified in place. An error — also one in a later layer, such as activations that
         overflow — leaves it as it was (a copy of its tensors is held during the call).
     """
-    uniform.check_model_grid(model, bits, group_size)  # fail before changing anything
+    uniform.check_grid("grid", grid, ("channel", "group"))
+    uniform.check_model_grid(model, grid)  # fail before changing anything
     if not isinstance(clip, bool):
         raise TypeError(f"clip must be a bool, got {type(clip).__name__}")
-    granularity = "channel" if group_size is None else "group"
     for index, layer, linears, stats in calibration.statistics_by_layer(model, blocks, statistics, batch_size):
         for members in calibration.shared_input_sets(stats):  # layers reading one input share one scale
-            scales, alpha, _ = search_scales([linears[n].weight for n in members], stats[members[0]], bits,
-                                             symmetric, group_size, n_grid)
+            scales, alpha, _ = search_scales([linears[n].weight for n in members], stats[members[0]], grid, n_grid)
             for name in members:
                 linear = linears[name]
                 max_abs = None
                 if clip and not name.endswith(_NOT_CLIPPED):
                     gram = stats[name].gram / scales[:, None] / scales[None, :]  # X'^T X' for X' = X diag(s)^-1
-                    max_abs = search_clipping(linear.weight.float() * scales, gram, bits, symmetric, group_size)
-                quantized, grid = _quantize_scaled(linear.weight.float(), scales, bits, symmetric, group_size, max_abs)
+                    max_abs = search_clipping(linear.weight.float() * scales, gram, grid)
+                quantized, qparams = _quantize_scaled(linear.weight.float(), scales, grid, max_abs)
                 linear.weight.copy_(quantized.to(linear.weight.dtype))
                 if pack:
                     anatomy.swap_linears(layer, {name: packed.QuantizedLinear.from_linear(
-                        linear, bits, symmetric, granularity, group_size, qparams=grid, input_scale=scales,
-                        weight=quantized)})
+                        linear, grid, qparams=qparams, input_scale=scales, weight=quantized)})
             if alphas is not None:
                 alphas[anatomy.layer_name(index, members[0])] = alpha
     return model

@@ -33,6 +33,8 @@ together.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from refimpl import anatomy, calibration, obs
@@ -47,32 +49,31 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
     return calibration.InputStatistics.from_inputs(x).hessian()  # [in, in]
 
 
-def _check_columns(WT: torch.Tensor, order: list[int], bits: int, group_size: int | None,
-                   grids: dict[int, uniform.QParams]) -> None:
-    uniform.check_bits(bits)
+def _check_columns(WT: torch.Tensor, order: list[int], grid: uniform.Grid,
+                   qparams: dict[int, uniform.QParams]) -> None:
+    uniform.check_grid("grid", grid, ("channel", "group"))
     if not isinstance(WT, torch.Tensor) or WT.dim() != 2 or not WT.is_floating_point():
         raise ValueError("WT must be a 2-D floating-point tensor [in_features, out_features]")
     n_in = WT.shape[0]
     if not isinstance(order, list) or sorted(order) != list(range(n_in)):
         raise ValueError(f"order must be a list holding every column index 0 .. {n_in - 1} once")
-    if not isinstance(grids, dict):
-        raise TypeError(f"grids must be a dict of uniform.QParams by group, got {type(grids).__name__}")
-    if group_size is None:
-        if 0 not in grids:
-            raise ValueError("grids must hold the per-channel grid under key 0 when group_size is None")
+    if not isinstance(qparams, dict):
+        raise TypeError(f"qparams must be a dict of uniform.QParams by group, got {type(qparams).__name__}")
+    if grid.group_size is None:
+        if 0 not in qparams:
+            raise ValueError("qparams must hold the per-channel parameters under key 0 when grid.group_size is None")
         return
-    check_positive_int("group_size", group_size)
-    if n_in % group_size:
-        raise ValueError(f"group_size {group_size} must divide in_features ({n_in})")
-    missing = [g for g in range(0, n_in, group_size) if g not in grids]
+    if n_in % grid.group_size:
+        raise ValueError(f"group_size {grid.group_size} must divide in_features ({n_in})")
+    missing = [g for g in range(0, n_in, grid.group_size) if g not in qparams]
     if missing and order != list(range(n_in)):
-        raise ValueError(f"grids must hold every group's grid when order is not 0, 1, 2, ... (a group's grid is "
-                         f"computed on the way only when its columns come together), missing {missing[:5]}")
+        raise ValueError(f"qparams must hold every group's parameters when order is not 0, 1, 2, ... (a group's "
+                         f"are computed on the way only when its columns come together), missing {missing[:5]}")
 
 
 @torch.no_grad()
-def quantize_columns(WT: torch.Tensor, U: torch.Tensor, order: list[int], bits: int, symmetric: bool,
-                     group_size: int | None, grids: dict[int, uniform.QParams],
+def quantize_columns(WT: torch.Tensor, U: torch.Tensor, order: list[int], grid: uniform.Grid,
+                     qparams: dict[int, uniform.QParams],
                      block_size: int = 128) -> tuple[torch.Tensor, dict[int, uniform.QParams]]:
     r"""GPTQ's column loop (Alg. 1): round every column of :math:`W` to its grid, one at a time, and
     compensate each rounding error :math:`w_q - \mathrm{quant}(w_q)` on the columns not yet quantized
@@ -84,40 +85,38 @@ def quantize_columns(WT: torch.Tensor, U: torch.Tensor, order: list[int], bits: 
         U: the upper Cholesky factor of the dampened :math:`H^{-1}`, in the same order
             (:func:`refimpl.obs.upper_cholesky_of_inverse`).
         order: ``order[i]``, the column of the original weight that row ``i`` of ``WT`` holds.
-        bits, symmetric: the uniform grid (2-8 bits; absmax or zero-point).
-        group_size: inputs per scale, in groups of consecutive original columns; ``None`` for one scale
-            per output channel.
-        grids: grids fixed beforehand, by the first original column of their group (``0`` for the
-            per-channel grid); not modified. A group missing here gets its grid when the loop reaches its
-            first column, from the weights as updated so far (this needs ``order`` to be ``0, 1, 2, ...``).
+        grid: the uniform grid (2-8 bits; absmax or zero-point), one scale per output channel or per
+            group of ``grid.group_size`` consecutive original columns.
+        qparams: scales fixed beforehand, one per output channel of a group's columns, by the first
+            original column of their group (``0`` per channel); not modified. A group missing here gets
+            its scales when the loop reaches its first column, from the weights as updated so far (this
+            needs ``order`` to be ``0, 1, 2, ...``).
         block_size: columns per lazy batch update (Alg. 1's :math:`B`).
 
     Returns:
-        ``(QT, grids)``: :math:`\mathrm{quant}(W)^\top` ``[in, out]`` (dequantized values) and the grid
-        of every group, the given ones and those computed on the way.
+        ``(QT, qparams)``: :math:`\mathrm{quant}(W)^\top` ``[in, out]`` (dequantized values) and the
+        scales of every group, the given ones and those computed on the way.
     """
-    _check_columns(WT, order, bits, group_size, grids)
-    grids = dict(grids)
-    qmin, qmax = uniform.code_range(bits, symmetric)
+    _check_columns(WT, order, grid, qparams)
+    qparams = dict(qparams)
+    group_size, qmin, qmax = grid.group_size, grid.qmin, grid.qmax
+    per_channel = dataclasses.replace(grid, group_size=None)  # a group's own grid: one scale per row
 
     def quantize_column(i: int, w: torch.Tensor, q: torch.Tensor) -> None:
         group = 0 if group_size is None else order[i] - order[i] % group_size  # by its first original column
-        if group not in grids:  # entering a new group: its scale from the updated weights, one per row
-            grids[group] = uniform.compute_qparams(WT[i : i + group_size].T, bits, symmetric, "channel", None,
-                                                   uniform.WEIGHT_SCALE_DTYPE)
-        scale, zero = grids[group].scale[:, 0], grids[group].zero_point[:, 0]  # [out]
+        if group not in qparams:  # entering a new group: its scale from the updated weights, one per row
+            qparams[group] = uniform.compute_qparams(WT[i : i + group_size].T, per_channel, uniform.WEIGHT_SCALE_DTYPE)
+        scale, zero = qparams[group].scale[:, 0], qparams[group].zero_point[:, 0]  # [out]
         torch.div(w, scale, out=q).round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)  # nearest grid point
 
-    return obs.compensate_columns(WT, U, block_size, quantize_column), grids  # [in, out]
+    return obs.compensate_columns(WT, U, block_size, quantize_column), qparams  # [in, out]
 
 
 @torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor,
     hessian_matrix: torch.Tensor,
-    bits: int,
-    symmetric: bool = False,
-    group_size: int | None = None,
+    grid: uniform.Grid,
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
@@ -127,32 +126,32 @@ def gptq_quantize(
     Args:
         weight: the layer's weight; not modified.
         hessian_matrix: :math:`2XX^\\top/n` (:func:`hessian`).
-        bits, symmetric: the uniform grid (2-8 bits; absmax or zero-point).
-        group_size: inputs per scale; ``None`` for one scale per output channel.
+        grid: the uniform grid (2-8 bits; absmax or zero-point), one scale per output channel or per
+            group of ``grid.group_size`` inputs.
         block_size: columns per lazy batch update (Alg. 1's :math:`B`).
         damp: dampening :math:`\\lambda` in (0, 1), as a fraction of the mean diagonal of :math:`H`.
         act_order: quantize columns by decreasing :math:`H_{qq}`.
 
     Returns:
         ``(weight, qparams)``: the dequantized GPTQ weight ``[out, in]`` (float32; the values a
-        quantized model computes with) and the grid it lies on (float16-representable scales), from
-        which :meth:`refimpl.quantization.packed.QuantizedLinear.from_linear` reads off its codes.
+        quantized model computes with) and the scales of ``grid`` it lies on (float16-representable),
+        from which :meth:`refimpl.quantization.packed.QuantizedLinear.from_linear` reads off its codes.
     """
     obs.check_weight_and_hessian(weight, hessian_matrix)
-    n_in = weight.shape[1]
-    uniform.check_bits(bits)
-    if group_size is not None:
-        check_positive_int("group_size", group_size)
-        if n_in % group_size:
-            raise ValueError(f"group_size {group_size} must divide in_features ({n_in})")
+    uniform.check_grid("grid", grid, ("channel", "group"))
+    n_in, group_size = weight.shape[1], grid.group_size
+    if group_size is not None and n_in % group_size:
+        raise ValueError(f"group_size {group_size} must divide in_features ({n_in})")
     check_positive_int("block_size", block_size)
     obs.check_damp(damp)
 
     W, H = obs.prepare(weight, hessian_matrix)  # float32 [out, in], [in, in], as in the paper's code
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n_in, device=W.device)
 
+    per_channel = dataclasses.replace(grid, group_size=None)
+
     def params_for(columns: torch.Tensor) -> uniform.QParams:  # one scale per row of these columns
-        return uniform.compute_qparams(columns, bits, symmetric, "channel", None, uniform.WEIGHT_SCALE_DTYPE)
+        return uniform.compute_qparams(columns, per_channel, uniform.WEIGHT_SCALE_DTYPE)
 
     # Grid parameters: per channel from the whole original weight; per group either from the original
     # weight (act-order: static groups) or later, from the updated weight, when the loop reaches them.
@@ -166,15 +165,15 @@ def gptq_quantize(
     if act_order:
         W, H = W[:, perm], H[perm][:, perm]  # columns in the order they are quantized
     U = obs.upper_cholesky_of_inverse(obs.dampen(H, damp))  # H^-1 = U^T U: row q of U holds the update coefficients
-    QT, grids = quantize_columns(W.T.contiguous(), U, perm.tolist(), bits, symmetric, group_size, fixed, block_size)
+    QT, by_group = quantize_columns(W.T.contiguous(), U, perm.tolist(), grid, fixed, block_size)
     Q = QT.T.contiguous()  # [out, in]
     if group_size is None:
-        grid = grids[0]
+        qparams = by_group[0]
     else:  # one [out, 1] scale per group -> [out, n_groups, 1], the shape of uniform.grouped
-        groups = [grids[g] for g in range(0, n_in, group_size)]
-        grid = uniform.QParams(torch.stack([p.scale for p in groups], dim=1),
-                               torch.stack([p.zero_point for p in groups], dim=1), bits, symmetric, "group", group_size)
-    return (Q[:, torch.argsort(perm)] if act_order else Q).to(torch.float32), grid  # original column order
+        groups = [by_group[g] for g in range(0, n_in, group_size)]
+        qparams = uniform.QParams(torch.stack([p.scale for p in groups], dim=1),
+                                  torch.stack([p.zero_point for p in groups], dim=1), grid)
+    return (Q[:, torch.argsort(perm)] if act_order else Q).to(torch.float32), qparams  # original column order
 
 
 @torch.no_grad()
@@ -182,9 +181,7 @@ def gptq_quantize(
 def quantize_model_gptq(
     model: torch.nn.Module,
     blocks: torch.Tensor | None,
-    bits: int,
-    symmetric: bool = False,
-    group_size: int | None = 64,
+    grid: uniform.Grid,
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
@@ -202,8 +199,9 @@ def quantize_model_gptq(
     (:func:`refimpl.calibration.input_statistics`), which lets a sweep reuse one capture.
 
     Args:
+        grid: the uniform grid, per output channel or per group of ``grid.group_size`` inputs.
         pack: replace every layer by a :class:`~refimpl.quantization.packed.QuantizedLinear` holding
-            GPTQ's codes and grid (the same values, really stored in ``bits`` bits).
+            GPTQ's codes and scales (the same values, really stored in ``grid.bits`` bits).
         first_token_weight: weight of the first token of every calibration block in the Hessian
             (:meth:`refimpl.calibration.InputStatistics.hessian`); 1 is the paper's GPTQ.
         errors: if a dict is given, it receives for every layer (full name) the output error
@@ -214,31 +212,29 @@ def quantize_model_gptq(
         later layer, such as activations that overflow — leaves it as it was (a copy of its tensors is
         held during the call).
     """
-    uniform.check_model_grid(model, bits, group_size)  # fail before changing anything
+    uniform.check_grid("grid", grid, ("channel", "group"))
+    uniform.check_model_grid(model, grid)  # fail before changing anything
     if not first_token_weight >= 0:
         raise ValueError(f"first_token_weight must be >= 0, got {first_token_weight!r}")
-    granularity = "channel" if group_size is None else "group"
     for index, layer, linears, stats in calibration.statistics_by_layer(model, blocks, statistics, batch_size):
         # Layers that read one input share its Hessian, and GPTQ treats every output row on its own:
         # their weights are stacked row-wise and quantized in one column loop ([sum of out, in]).
         for members in calibration.shared_input_sets(stats):
             originals = [linears[name].weight.detach().float().clone() for name in members]
-            stacked, grid = gptq_quantize(torch.cat(originals), stats[members[0]].hessian(first_token_weight), bits,
-                                          symmetric, group_size, block_size, damp, act_order)
+            stacked, qparams = gptq_quantize(torch.cat(originals), stats[members[0]].hessian(first_token_weight), grid,
+                                             block_size, damp, act_order)
             start = 0
             for name, original in zip(members, originals):
                 rows = slice(start, start + original.shape[0])
                 start = rows.stop
                 quantized, linear = stacked[rows], linears[name]
                 if errors is not None:
-                    rtn = uniform.fake_quantize(original, bits, symmetric, granularity, group_size,
-                                                uniform.WEIGHT_SCALE_DTYPE)
+                    rtn = uniform.fake_quantize(original, grid, uniform.WEIGHT_SCALE_DTYPE)
                     errors[anatomy.layer_name(index, name)] = (
                         stats[name].output_error(rtn - original), stats[name].output_error(quantized - original))
                 linear.weight.copy_(quantized.to(linear.weight.dtype))
                 if pack:
-                    own_grid = uniform.QParams(grid.scale[rows], grid.zero_point[rows], bits, symmetric, granularity,
-                                               group_size)
+                    own = uniform.QParams(qparams.scale[rows], qparams.zero_point[rows], grid)
                     anatomy.swap_linears(layer, {name: packed.QuantizedLinear.from_linear(
-                        linear, bits, symmetric, granularity, group_size, qparams=own_grid, weight=quantized)})
+                        linear, grid, qparams=own, weight=quantized)})
     return model

@@ -58,6 +58,16 @@ def _check_kv(x: torch.Tensor, param: str) -> None:
     uniform.check_input(x, param)
 
 
+def _key_grid(bits: int, group_size: int) -> uniform.Grid:
+    """Keys: asymmetric, per channel in groups of ``group_size`` tokens (a row of the keys transposed)."""
+    return uniform.Grid(bits, symmetric=False, group_size=group_size)
+
+
+def _value_grid(bits: int) -> uniform.Grid:
+    """Values: asymmetric, per token."""
+    return uniform.Grid(bits, symmetric=False, per="token")
+
+
 def split_points(seq_len: int, key_group_size: int, residual: int) -> tuple[int, int]:
     """``(n_K, n_V)``: how many leading tokens have quantized keys and values (module docstring)."""
     return seq_len - seq_len % max(residual, key_group_size), max(seq_len - residual, 0)
@@ -66,28 +76,27 @@ def split_points(seq_len: int, key_group_size: int, residual: int) -> tuple[int,
 # --- primitives: codes and parameters of the quantized part -----------------------------------
 
 
-def _codes(x: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.Tensor, uniform.QParams]:
-    """Codes and float16-rounded parameters of keys (``group_size`` tokens per channel group) or of
-    values (``group_size=None``: per token), ``x`` of shape ``[b, h, n, d]``."""
-    if group_size:
+def _codes(x: torch.Tensor, grid: uniform.Grid) -> tuple[torch.Tensor, uniform.QParams]:
+    """Codes and float16-rounded parameters of keys (``grid`` in groups of tokens per channel) or of
+    values (``grid`` per token), ``x`` of shape ``[b, h, n, d]``."""
+    if grid.group_size:
         x = x.transpose(-1, -2)  # [b, h, d, n]: a channel's tokens on the last dim
-    qparams = uniform.compute_qparams(x, bits, symmetric=False, granularity="group" if group_size else "token",
-                                      group_size=group_size, scale_dtype=torch.float16)
+    qparams = uniform.compute_qparams(x, grid, scale_dtype=torch.float16)
     return uniform.quantize(x, qparams), qparams  # keys [b*h*d, n/G, G], values [b*h*n, d]
 
 
 def _dequantized(codes: torch.Tensor, qparams: uniform.QParams, shape: tuple[int, ...]) -> torch.Tensor:
     """Real values ``[b, h, n, d]`` of the codes of :func:`_codes`."""
     b, h, n, d = shape
-    if qparams.granularity == "group":
+    if qparams.grid.group_size:
         return uniform.dequantize(codes, qparams, (b, h, d, n)).transpose(-1, -2)  # keys back to [b, h, n, d]
     return uniform.dequantize(codes, qparams, shape)
 
 
-def _fake_quantize(x: torch.Tensor, bits: int, group_size: int | None, n: int) -> torch.Tensor:
+def _fake_quantize(x: torch.Tensor, grid: uniform.Grid, n: int) -> torch.Tensor:
     if n == 0:
         return x.clone()
-    codes, qparams = _codes(x[:, :, :n], bits, group_size)
+    codes, qparams = _codes(x[:, :, :n], grid)
     x_hat = _dequantized(codes, qparams, (*x.shape[:2], n, x.shape[3])).to(x.dtype)
     if x.requires_grad and torch.is_grad_enabled():  # trainable through the rounding (QAT of the cache)
         x_hat = straight_through(x[:, :, :n], x_hat)
@@ -99,7 +108,7 @@ def quantize_keys(k: torch.Tensor, bits: int, group_size: int = 32, residual: in
     groups of ``group_size`` tokens; the last ``seq mod max(residual, group_size)`` tokens stay exact."""
     _check_kv(k, "k")
     _check_scheme(bits, group_size, residual)
-    return _fake_quantize(k, bits, group_size, split_points(k.shape[2], group_size, residual)[0])
+    return _fake_quantize(k, _key_grid(bits, group_size), split_points(k.shape[2], group_size, residual)[0])
 
 
 def quantize_values(v: torch.Tensor, bits: int, residual: int = 0) -> torch.Tensor:
@@ -108,7 +117,7 @@ def quantize_values(v: torch.Tensor, bits: int, residual: int = 0) -> torch.Tens
     _check_kv(v, "v")
     uniform.check_bits(bits)
     check_non_negative_int("residual", residual)
-    return _fake_quantize(v, bits, None, split_points(v.shape[2], 1, residual)[1])
+    return _fake_quantize(v, _value_grid(bits), split_points(v.shape[2], 1, residual)[1])
 
 
 # --- the effect on a model: attention computed with a quantized cache --------------------------
@@ -181,30 +190,31 @@ class QuantizedKV:
         """``(k_hat, v_hat)``, equal to :func:`quantize_keys` and :func:`quantize_values` of the input."""
         n_k, n_v = split_points(self.shape[2], self.key_group_size, self.residual)
         return (self._unpack(self.key_codes, self.key_scale, self.key_zero_point, self.key_residual, n_k,
-                             self.key_group_size),
+                             _key_grid(self.bits, self.key_group_size)),
                 self._unpack(self.value_codes, self.value_scale, self.value_zero_point, self.value_residual, n_v,
-                             None))
+                             _value_grid(self.bits)))
 
-    def _unpack(self, codes, scale, zero_point, residual, n, group_size) -> torch.Tensor:
+    def _unpack(self, codes, scale, zero_point, residual, n, grid: uniform.Grid) -> torch.Tensor:
         if n == 0:
             return residual.clone()
         b, h, _, d = self.shape
-        grouped = (b * h * d, n // group_size, group_size) if group_size else (b * h * n, d)  # as _codes made
+        g = grid.group_size
+        grouped = (b * h * d, n // g, g) if g else (b * h * n, d)  # as _codes made
         view = (*grouped[:-1], 1)  # one scale per channel group or per token
         qparams = uniform.QParams(scale.float().view(view),
-                                  packed.unpack_codes(zero_point, self.bits, scale.numel()).float().view(view),
-                                  self.bits, False, "group" if group_size else "token", group_size)
+                                  packed.unpack_codes(zero_point, self.bits, scale.numel()).float().view(view), grid)
         codes = packed.unpack_codes(codes, self.bits, math.prod(grouped)).view(grouped)
         return torch.cat([_dequantized(codes, qparams, (b, h, n, d)).to(residual.dtype), residual], dim=2)
 
 
-def _pack(x: torch.Tensor, bits: int, group_size: int | None, n: int) -> tuple[torch.Tensor, ...]:
+def _pack(x: torch.Tensor, grid: uniform.Grid, n: int) -> tuple[torch.Tensor, ...]:
     """Packed codes, float16 scales and packed zero-points of the first ``n`` tokens of ``x``."""
     if n == 0:
         return tuple(torch.zeros(0, dtype=t, device=x.device) for t in (torch.uint8, torch.float16, torch.uint8))
-    codes, qparams = _codes(x[:, :, :n], bits, group_size)
+    codes, qparams = _codes(x[:, :, :n], grid)
     zero_point = qparams.zero_point.reshape(-1).to(torch.int32)  # integers in [0, 2^bits - 1]
-    return packed.pack_codes(codes, bits), qparams.scale.reshape(-1).half(), packed.pack_codes(zero_point, bits)
+    return (packed.pack_codes(codes, grid.bits), qparams.scale.reshape(-1).half(),
+            packed.pack_codes(zero_point, grid.bits))
 
 
 def pack_kv(k: torch.Tensor, v: torch.Tensor, bits: int, key_group_size: int = 32, residual: int = 0) -> QuantizedKV:
@@ -215,8 +225,8 @@ def pack_kv(k: torch.Tensor, v: torch.Tensor, bits: int, key_group_size: int = 3
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     _check_scheme(bits, key_group_size, residual)
     n_k, n_v = split_points(k.shape[2], key_group_size, residual)
-    return QuantizedKV(bits, key_group_size, residual, tuple(k.shape), *_pack(k, bits, key_group_size, n_k),
-                       *_pack(v, bits, None, n_v), k[:, :, n_k:].clone(), v[:, :, n_v:].clone())
+    return QuantizedKV(bits, key_group_size, residual, tuple(k.shape), *_pack(k, _key_grid(bits, key_group_size), n_k),
+                       *_pack(v, _value_grid(bits), n_v), k[:, :, n_k:].clone(), v[:, :, n_v:].clone())
 
 
 def pack_cache(past_key_values: Any, bits: int, key_group_size: int = 32,

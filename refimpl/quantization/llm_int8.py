@@ -55,15 +55,15 @@ def check_threshold(threshold: float) -> None:
 # --- primitives ---------------------------------------------------------------------------------
 
 
-def vectorwise_quantize(t: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric 8-bit absmax codes of every row of ``t`` (``"token"`` for activations ``[..., in]``,
+def vectorwise_quantize(t: torch.Tensor, per: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit absmax codes of every row of ``t`` (``per="token"`` for activations ``[..., in]``,
     ``"channel"`` for a weight ``[out, in]``), with the shared quantizer of :mod:`uniform`.
 
     Returns:
         ``(codes int8[rows, last], scale float32[rows, 1])`` with ``scale = absmax / 127``, i.e. ``1 / c``.
     """
     # float32 scales, the dtype of bitsandbytes' SCB
-    qparams = uniform.compute_qparams(t, bits=8, symmetric=True, granularity=granularity, scale_dtype=torch.float32)
+    qparams = uniform.compute_qparams(t, uniform.Grid(8, per=per), scale_dtype=torch.float32)
     return uniform.quantize(t, qparams).to(torch.int8), qparams.scale
 
 

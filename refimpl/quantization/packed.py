@@ -68,31 +68,29 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 class QuantizedLinear(torch.nn.Module):
-    r"""A linear layer holding packed ``bits``-bit weight codes and float16 scales (and zero-points);
-    ``forward`` dequantizes the weight and runs an ordinary matrix product.
+    r"""A linear layer holding packed weight codes on a ``grid`` (``grid.bits`` bits each) and float16
+    scales (and zero-points); ``forward`` dequantizes the weight and runs an ordinary matrix product.
 
     An optional float16 ``input_scale`` :math:`s` (one per input feature) stores a weight quantized as
     :math:`Q(W\,\mathrm{diag}(s))`, as AWQ produces it: ``forward`` computes
     :math:`Q(W\,\mathrm{diag}(s))\,(x / s)`. (A deployed model folds :math:`1/s` into the operation
     that produces :math:`x`; storing it costs two bytes per input feature.)"""
 
-    def __init__(self, in_features: int, out_features: int, bits: int, symmetric: bool,
-                 granularity: str, group_size: int | None, bias: bool, input_scale: bool = False):
+    def __init__(self, in_features: int, out_features: int, grid: uniform.Grid, bias: bool,
+                 input_scale: bool = False):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.bits, self.symmetric = bits, symmetric
-        self.granularity, self.group_size = granularity, group_size
-        if granularity == "tensor":
+        self.in_features, self.out_features, self.grid = in_features, out_features, grid
+        if grid.granularity == "tensor":
             n_scales = 1
-        elif granularity == "channel":
+        elif grid.granularity == "channel":
             n_scales = out_features
         else:
-            n_scales = out_features * (in_features // group_size)
-        n_bytes = -(-in_features * out_features * bits // 8)
+            n_scales = out_features * (in_features // grid.group_size)
+        n_bytes = -(-in_features * out_features * grid.bits // 8)
         self.register_buffer("packed", torch.zeros(n_bytes, dtype=torch.uint8))
         self.register_buffer("scale", torch.zeros(n_scales, dtype=uniform.WEIGHT_SCALE_DTYPE))
         # Symmetric codes need no zero-point: none is stored.
-        self.register_buffer("zero_point", None if symmetric else torch.zeros(n_scales, dtype=torch.uint8))
+        self.register_buffer("zero_point", None if grid.symmetric else torch.zeros(n_scales, dtype=torch.uint8))
         self.register_buffer("input_scale", torch.ones(in_features, dtype=uniform.WEIGHT_SCALE_DTYPE)
                              if input_scale else None)
         self.register_buffer("bias", None)
@@ -101,15 +99,15 @@ class QuantizedLinear(torch.nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: torch.nn.Linear, bits: int, symmetric: bool = False, granularity: str = "group",
-                    group_size: int | None = 64, qparams: uniform.QParams | None = None,
+    def from_linear(cls, linear: torch.nn.Linear, grid: uniform.Grid, qparams: uniform.QParams | None = None,
                     input_scale: torch.Tensor | None = None, weight: torch.Tensor | None = None
                     ) -> "QuantizedLinear":
-        r"""Quantize ``linear``'s weight into a new packed module; ``linear`` is unchanged.
+        r"""Quantize ``linear``'s weight onto ``grid`` (per tensor, channel or group) into a new packed
+        module; ``linear`` is unchanged.
 
-        Without ``qparams`` the weight is rounded to nearest. With ``qparams`` (the grid a method such
-        as GPTQ chose) the weight must already lie on that grid — it holds dequantized values — and
-        its codes are read off exactly; a weight off the grid raises ``ValueError``. With
+        Without ``qparams`` the weight is rounded to nearest. With ``qparams`` (the scales a method such
+        as GPTQ chose on ``grid``) the weight must already lie on them — it holds dequantized values —
+        and its codes are read off exactly; a weight off them raises ``ValueError``. With
         ``input_scale`` :math:`s` the weight is taken to be :math:`\hat W\,\mathrm{diag}(s)^{-1}`
         (AWQ's simulated form) and :math:`\hat W` is what is packed. ``weight`` replaces
         ``linear.weight`` as the values to pack (a method's float32 result, when the model computes in
@@ -117,9 +115,7 @@ class QuantizedLinear(torch.nn.Module):
         """
         if not isinstance(linear, torch.nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        uniform.check_bits(bits)
-        if granularity == "token":
-            raise ValueError("granularity must be 'tensor', 'channel' or 'group' for weights, got 'token'")
+        uniform.check_grid("grid", grid, uniform.WEIGHT_GRANULARITIES)
         if weight is None:
             weight = linear.weight
         if not isinstance(weight, torch.Tensor) or weight.shape != linear.weight.shape:
@@ -134,12 +130,10 @@ class QuantizedLinear(torch.nn.Module):
             weight = weight * input_scale.float()  # [out, in]: W diag(s)
         given_qparams = qparams is not None
         if qparams is None:
-            qparams = uniform.compute_qparams(weight, bits, symmetric, granularity, group_size,
-                                              scale_dtype=uniform.WEIGHT_SCALE_DTYPE)
+            qparams = uniform.compute_qparams(weight, grid, scale_dtype=uniform.WEIGHT_SCALE_DTYPE)
         else:
-            if (qparams.bits, qparams.symmetric, qparams.granularity, qparams.group_size) != (
-                    bits, symmetric, granularity, group_size):
-                raise ValueError("qparams were made for another grid than bits/symmetric/granularity/group_size")
+            if qparams.grid != grid:
+                raise ValueError(f"qparams were made for another grid ({qparams.grid}) than grid ({grid})")
             if not torch.equal(qparams.scale, qparams.scale.to(uniform.WEIGHT_SCALE_DTYPE).float()):
                 raise ValueError("qparams.scale must be representable in float16, the dtype stored")
         codes = uniform.quantize(weight, qparams)
@@ -147,11 +141,11 @@ class QuantizedLinear(torch.nn.Module):
             off_grid = (uniform.dequantize(codes, qparams, weight.shape) - weight).abs().reshape(codes.shape)
             if (off_grid > 1e-3 * qparams.scale).any():  # a thousandth of the group's own step
                 raise ValueError(f"the weight is not on the grid of qparams (off by up to {off_grid.max():.3g})")
-        module = cls(linear.in_features, linear.out_features, bits, symmetric, granularity, group_size,
-                     bias=linear.bias is not None, input_scale=input_scale is not None).to(weight.device)
-        module.packed.copy_(pack_codes(codes - qparams.qmin, bits))  # codes shifted to [0, 2^bits - 1]
+        module = cls(linear.in_features, linear.out_features, grid, bias=linear.bias is not None,
+                     input_scale=input_scale is not None).to(weight.device)
+        module.packed.copy_(pack_codes(codes - grid.qmin, grid.bits))  # codes shifted to [0, 2^bits - 1]
         module.scale.copy_(qparams.scale.reshape(-1))
-        if not symmetric:
+        if not grid.symmetric:
             module.zero_point.copy_(qparams.zero_point.reshape(-1))
         if input_scale is not None:
             module.input_scale.copy_(input_scale)
@@ -162,17 +156,17 @@ class QuantizedLinear(torch.nn.Module):
     def qparams(self) -> uniform.QParams:
         """The stored quantization parameters, in the shape :func:`uniform.dequantize` expects."""
         view = {"tensor": (1, 1), "channel": (self.out_features, 1)}.get(
-            self.granularity, (self.out_features, self.in_features // (self.group_size or 1), 1))
+            self.grid.granularity, (self.out_features, self.in_features // (self.grid.group_size or 1), 1))
         scale = self.scale.float().view(view)
-        zero_point = torch.zeros_like(scale) if self.symmetric else self.zero_point.float().view(view)
-        return uniform.QParams(scale, zero_point, self.bits, self.symmetric, self.granularity, self.group_size)
+        zero_point = torch.zeros_like(scale) if self.grid.symmetric else self.zero_point.float().view(view)
+        return uniform.QParams(scale, zero_point, self.grid)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight ``[out, in]`` this module computes with (float32), input scale included."""
         qparams = self.qparams()
-        codes = unpack_codes(self.packed, self.bits, self.in_features * self.out_features) + qparams.qmin
+        codes = unpack_codes(self.packed, self.grid.bits, self.in_features * self.out_features) + self.grid.qmin
         grouped_shape = uniform.grouped(torch.empty(self.out_features, self.in_features, device="meta"),
-                                        self.granularity, self.group_size).shape
+                                        self.grid).shape
         weight = uniform.dequantize(codes.view(grouped_shape), qparams, (self.out_features, self.in_features))
         return weight if self.input_scale is None else weight / self.input_scale.float()
 
@@ -183,9 +177,10 @@ class QuantizedLinear(torch.nn.Module):
         return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
-        size = self.granularity if self.granularity != "group" else f"group {self.group_size}"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"{'symmetric' if self.symmetric else 'asymmetric'}, {size}"
+        grid = self.grid
+        size = grid.granularity if grid.granularity != "group" else f"group {grid.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={grid.bits}, "
+                f"{'symmetric' if grid.symmetric else 'asymmetric'}, {size}"
                 + (", input_scale" if self.input_scale is not None else ""))
 
 
@@ -260,24 +255,21 @@ class CodeBookLinear(torch.nn.Module):
 
 @torch.no_grad()
 @restores_on_error("model")
-def pack_model(model: torch.nn.Module, bits: int, symmetric: bool = False, granularity: str = "group",
-               group_size: int | None = 64, skip: tuple[str, ...] = ("lm_head",)) -> torch.nn.Module:
+def pack_model(model: torch.nn.Module, grid: uniform.Grid, skip: tuple[str, ...] = ("lm_head",)) -> torch.nn.Module:
     """Replace every linear layer of ``model`` (except ``skip``) by a round-to-nearest
-    :class:`QuantizedLinear`, in place. Every layer is quantized before the first one is swapped, and
+    :class:`QuantizedLinear` on ``grid``, in place. Every layer is quantized before the first one is swapped, and
     any error leaves the model as it was (a copy of its tensors is held during the call).
 
     Returns:
         ``model``, modified in place.
     """
     linears = anatomy.compressed_linears(model, skip)
-    return anatomy.swap_linears(model, {name: QuantizedLinear.from_linear(m, bits, symmetric, granularity, group_size)
-                                        for name, m in linears.items()})
+    return anatomy.swap_linears(model, {name: QuantizedLinear.from_linear(m, grid) for name, m in linears.items()})
 
 
 @torch.no_grad()
-def packed_size(model: torch.nn.Module, bits: int, symmetric: bool = False, granularity: str = "group",
-                group_size: int | None = 64, skip: tuple[str, ...] = ("lm_head",)) -> int:
-    """The bytes :func:`pack_model` would leave ``model`` with, measured without changing ``model``.
+def packed_size(model: torch.nn.Module, grid: uniform.Grid, skip: tuple[str, ...] = ("lm_head",)) -> int:
+    """The bytes :func:`pack_model` would leave ``model`` with on ``grid``, measured without changing ``model``.
 
     A packed layer's buffers depend only on its shape (and whether it has a bias), so one layer of
     each distinct shape is packed for real and its :func:`refimpl.evaluate.model_bytes` counted once
@@ -289,9 +281,7 @@ def packed_size(model: torch.nn.Module, bits: int, symmetric: bool = False, gran
     by_shape: dict[tuple[int, int, bool], list[torch.nn.Linear]] = {}
     for linear in linears.values():
         by_shape.setdefault((linear.in_features, linear.out_features, linear.bias is not None), []).append(linear)
-    quantized = sum(len(group) * model_bytes(QuantizedLinear.from_linear(group[0], bits, symmetric, granularity,
-                                                                         group_size))
-                    for group in by_shape.values())
+    quantized = sum(len(group) * model_bytes(QuantizedLinear.from_linear(group[0], grid)) for group in by_shape.values())
     # Storage that disappears with the replaced layers: their tensors, unless another module keeps them
     # (a tied output layer shares its weight with the embedding).
     replaced_ids = {id(m) for m in linears.values()}

@@ -43,8 +43,7 @@ from torch import nn
 
 from refimpl import anatomy, training
 from refimpl._rollback import restores_on_error
-from refimpl._validation import (check_choice, check_linear_input, check_logits, check_non_negative_int,
-                                 check_positive_int)
+from refimpl._validation import check_linear_input, check_logits, check_non_negative_int, check_positive_int
 from refimpl.distillation.losses import forward_kl
 from refimpl.quantization import packed, uniform
 from refimpl.quantization.activation import ActivationQuantizedLinear, straight_through
@@ -71,23 +70,19 @@ class FakeQuantLinear(nn.Module):
     """A linear layer that trains a latent float weight and computes with its quantized value.
 
     ``weight`` is the latent :math:`W` (a trainable copy of the original layer's weight); ``forward``
-    uses :math:`Q(W)` with the straight-through estimator, and with ``a_bits`` also rounds its input per
-    token. ``learnable_scale`` makes the step sizes parameters (LSQ, initialised from RTN's grid).
+    uses :math:`Q(W)` on ``grid`` (per channel or group) with the straight-through estimator, and with
+    ``a_bits`` also rounds its input per token (symmetric, dynamic). ``learnable_scale`` makes the step
+    sizes parameters (LSQ, initialised from RTN's grid).
     """
 
-    def __init__(self, linear: nn.Linear, bits: int, symmetric: bool = False, granularity: str = "group",
-                 group_size: int | None = 64, learnable_scale: bool = False, a_bits: int | None = None):
+    def __init__(self, linear: nn.Linear, grid: uniform.Grid, learnable_scale: bool = False,
+                 a_bits: int | None = None):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        uniform.check_bits(bits)
-        check_choice("granularity", granularity, GRANULARITIES)
-        if granularity == "group":
-            check_positive_int("group_size", group_size)
-            if linear.in_features % group_size:
-                raise ValueError(f"group_size {group_size} must divide in_features ({linear.in_features})")
-        else:
-            group_size = None
+        uniform.check_grid("grid", grid, GRANULARITIES)
+        if grid.group_size is not None and linear.in_features % grid.group_size:
+            raise ValueError(f"group_size {grid.group_size} must divide in_features ({linear.in_features})")
         if a_bits is not None:
             uniform.check_bits(a_bits)
         if not isinstance(learnable_scale, bool):
@@ -95,20 +90,18 @@ class FakeQuantLinear(nn.Module):
         if not torch.isfinite(linear.weight).all():
             raise ValueError("linear.weight holds NaN or Inf values; quantization needs finite weights")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bits, self.symmetric, self.granularity, self.group_size = bits, symmetric, granularity, group_size
-        self.a_bits = a_bits
+        self.grid, self.a_bits = grid, a_bits
         self.weight = nn.Parameter(linear.weight.detach().float().clone())  # the latent W, [out, in]
         self.dtype = linear.weight.dtype  # what convert_qat gives back
         self.bias = linear.bias
         self.scale: nn.Parameter | None = None
         if learnable_scale:
-            grid = self._dynamic_qparams()
-            self.scale = nn.Parameter(grid.scale.clone())  # [out, 1] or [out, n_groups, 1]
-            self.register_buffer("zero_point", grid.zero_point.clone())
+            qparams = self._dynamic_qparams()
+            self.scale = nn.Parameter(qparams.scale.clone())  # [out, 1] or [out, n_groups, 1]
+            self.register_buffer("zero_point", qparams.zero_point.clone())
 
     def _dynamic_qparams(self) -> uniform.QParams:
-        return uniform.compute_qparams(self.weight.detach(), self.bits, self.symmetric, self.granularity,
-                                       self.group_size, uniform.WEIGHT_SCALE_DTYPE)
+        return uniform.compute_qparams(self.weight.detach(), self.grid, uniform.WEIGHT_SCALE_DTYPE)
 
     def _stored_scale(self) -> torch.Tensor:
         """The learned step sizes as a packed layer stores them (float16, at least its smallest
@@ -124,8 +117,7 @@ class FakeQuantLinear(nn.Module):
         weight's range."""
         if self.scale is None:
             return self._dynamic_qparams()
-        return uniform.QParams(self._stored_scale().detach(), self.zero_point, self.bits, self.symmetric,
-                               self.granularity, self.group_size)
+        return uniform.QParams(self._stored_scale().detach(), self.zero_point, self.grid)
 
     def quantized_weight(self) -> torch.Tensor:
         """:math:`Q(W)` ``[out, in]``, differentiable with respect to ``weight`` (and ``scale``)."""
@@ -133,8 +125,8 @@ class FakeQuantLinear(nn.Module):
             qp = self._dynamic_qparams()
             w_hat = uniform.dequantize(uniform.quantize(self.weight, qp), qp, self.weight.shape)
             return straight_through(self.weight, w_hat)
-        qmin, qmax = uniform.code_range(self.bits, self.symmetric)
-        grouped = uniform.grouped(self.weight, self.granularity, self.group_size)  # [out, (n_groups,) g]
+        qmin, qmax = self.grid.qmin, self.grid.qmax
+        grouped = uniform.grouped(self.weight, self.grid)  # [out, (n_groups,) g]
         step = _scale_gradient(self._stored_scale(), 1 / math.sqrt(grouped.shape[-1] * qmax))
         codes = torch.clamp(_round_ste(grouped / step) + self.zero_point, qmin, qmax)
         return ((codes - self.zero_point) * step).reshape(self.weight.shape)
@@ -142,22 +134,22 @@ class FakeQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_linear_input("x", x, self.in_features)
         if self.a_bits is not None:
-            x = straight_through(x, uniform.fake_quantize(x.detach(), self.a_bits, True, "token"))
+            x = straight_through(x, uniform.fake_quantize(x.detach(), uniform.Grid(self.a_bits, per="token")))
         return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
-        grid = f"int{self.bits} per {self.granularity}" + (f" of {self.group_size}" if self.group_size else "")
+        g = self.grid
+        grid = f"int{g.bits} per {g.granularity}" + (f" of {g.group_size}" if g.group_size else "")
         return (f"in_features={self.in_features}, out_features={self.out_features}, weight={grid}, "
                 f"learnable_scale={self.scale is not None}, a_bits={self.a_bits}")
 
 
 @restores_on_error("model")
-def prepare_qat(model: nn.Module, bits: int, symmetric: bool = False, granularity: str = "group",
-                group_size: int | None = 64, learnable_scale: bool = False, a_bits: int | None = None,
+def prepare_qat(model: nn.Module, grid: uniform.Grid, learnable_scale: bool = False, a_bits: int | None = None,
                 skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
-    """Replace every linear layer of ``model`` (except ``skip``) by a :class:`FakeQuantLinear`, in place;
-    all replacements are built before the first is swapped in, and any error leaves the model as it was
-    (a copy of its tensors is held during the call). The other parameters (embeddings, norms) keep their
+    """Replace every linear layer of ``model`` (except ``skip``) by a :class:`FakeQuantLinear` on ``grid``
+    (per channel or group), in place; all replacements are built before the first is swapped in, and any
+    error leaves the model as it was (a copy of its tensors is held during the call). The other parameters (embeddings, norms) keep their
     ``requires_grad``; freeze them to train only the quantized layers.
 
     Returns:
@@ -167,8 +159,7 @@ def prepare_qat(model: nn.Module, bits: int, symmetric: bool = False, granularit
     replacements = {}
     for name, linear in linears.items():
         try:
-            replacements[name] = FakeQuantLinear(linear, bits, symmetric, granularity, group_size, learnable_scale,
-                                                 a_bits)
+            replacements[name] = FakeQuantLinear(linear, grid, learnable_scale, a_bits)
         except ValueError as exc:
             raise ValueError(f"layer {name}: {exc}") from None
     return anatomy.swap_linears(model, replacements)
@@ -192,14 +183,14 @@ def convert_qat(model: nn.Module, pack: bool = False) -> nn.Module:
         raise ValueError("pack=True stores weights only; layers trained with a_bits quantize their inputs too")
     replacements = {}
     for name, m in layers.items():
-        grid = m.qparams()
-        linear = anatomy.linear_from_weight(uniform.dequantize(uniform.quantize(m.weight, grid), grid, m.weight.shape),
-                                            m.bias, m.dtype)
+        qparams = m.qparams()
+        linear = anatomy.linear_from_weight(uniform.dequantize(uniform.quantize(m.weight, qparams), qparams,
+                                                               m.weight.shape), m.bias, m.dtype)
         if pack:
-            replacements[name] = packed.QuantizedLinear.from_linear(linear, m.bits, m.symmetric, m.granularity,
-                                                                    m.group_size, qparams=grid)
+            replacements[name] = packed.QuantizedLinear.from_linear(linear, m.grid, qparams=qparams)
         elif m.a_bits is not None:
-            replacements[name] = ActivationQuantizedLinear(linear, w_bits=None, a_bits=m.a_bits, act_granularity="token")
+            replacements[name] = ActivationQuantizedLinear(linear, weight_grid=None,
+                                                           act_grid=uniform.Grid(m.a_bits, per="token"))
         else:
             replacements[name] = linear
     return anatomy.swap_linears(model, replacements)

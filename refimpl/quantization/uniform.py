@@ -15,7 +15,8 @@ A real value :math:`x` is represented by an integer code :math:`q` on :math:`b` 
 **Granularity** — which values share one :math:`(s, z)`: the whole tensor, each output channel (row
 of a weight ``[out, in]``), each group of ``group_size`` consecutive inputs of a row, or each token
 (row of an activation ``[..., tokens, features]``). Finer granularity follows the data more closely
-at the cost of storing more scales.
+at the cost of storing more scales. A :class:`Grid` holds these choices — :math:`b`, symmetric or
+not, which values share a scale — and every quantizer of :mod:`refimpl.quantization` takes one.
 
 **Static vs dynamic ranges** — :func:`compute_qparams` on calibration data once, then
 :func:`quantize` every later input with those parameters (static: values outside the calibrated
@@ -36,7 +37,11 @@ from refimpl import anatomy
 from refimpl._rollback import restores_on_error
 from refimpl._validation import check_choice, check_positive_int
 
+#: What one scale covers in a grid without groups: the tensor, a row of a weight, a row of an activation.
+PER = ("tensor", "channel", "token")
 GRANULARITIES = ("tensor", "channel", "group", "token")
+#: The granularities a weight ``[out, in]`` is quantized at (a token is a row of an activation).
+WEIGHT_GRANULARITIES = ("tensor", "channel", "group")
 MIN_BITS, MAX_BITS = 2, 8
 #: The dtype weight scales are stored in (:mod:`refimpl.quantization.packed`); weight quantizers round
 #: their scales to it so that simulated and packed models compute the same values.
@@ -44,35 +49,55 @@ WEIGHT_SCALE_DTYPE = torch.float16
 
 
 @dataclass(frozen=True)
-class QParams:
-    """Quantization parameters: ``scale`` and ``zero_point`` broadcastable against the grouped input
-    (see :func:`grouped`), and the code range they were made for."""
+class Grid:
+    """The integer grid values are rounded to (Eq. 1): ``bits``, symmetric (absmax) or asymmetric
+    (zero-point), and which values share one scale: groups of ``group_size`` consecutive inputs of a
+    row, or when ``group_size`` is None one scale ``per`` ``"channel"`` (a row of a weight ``[out, in]``),
+    ``"token"`` (a row of an activation) or ``"tensor"``."""
 
-    scale: torch.Tensor  # float32
-    zero_point: torch.Tensor  # float32 (0 for symmetric), integer-valued
     bits: int
-    symmetric: bool
-    granularity: str
-    group_size: int | None
+    symmetric: bool = True
+    group_size: int | None = None
+    per: str = "channel"
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"symmetric must be a bool, got {type(self.symmetric).__name__}")
+        check_choice("per", self.per, PER)
+        if self.group_size is not None:
+            check_positive_int("group_size", self.group_size)
+            if self.per != "channel":
+                raise ValueError(f"group_size groups the inputs of a row: it needs per='channel', "
+                                 f"got per={self.per!r}")
+
+    @property
+    def granularity(self) -> str:
+        """``"group"`` when ``group_size`` is set, else ``per``."""
+        return "group" if self.group_size is not None else self.per
 
     @property
     def qmin(self) -> int:
-        return code_range(self.bits, self.symmetric)[0]
+        """The smallest code: ``-(2^(b-1)-1)`` symmetric, ``0`` asymmetric."""
+        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
 
     @property
     def qmax(self) -> int:
-        return code_range(self.bits, self.symmetric)[1]
+        """The largest code: ``2^(b-1)-1`` symmetric, ``2^b-1`` asymmetric."""
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Quantization parameters: ``scale`` and ``zero_point`` broadcastable against the grouped input
+    (see :func:`grouped`), and the grid they were made for."""
+
+    scale: torch.Tensor  # float32
+    zero_point: torch.Tensor  # float32 (0 for symmetric), integer-valued
+    grid: Grid
 
 
 # --- primitives ---------------------------------------------------------------------------------
-
-
-def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """``(q_min, q_max)``: ``[-(2^(b-1)-1), 2^(b-1)-1]`` symmetric, ``[0, 2^b-1]`` asymmetric."""
-    check_bits(bits)
-    if symmetric:
-        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
 
 
 def check_bits(bits: int) -> None:
@@ -93,56 +118,53 @@ def check_input(x: torch.Tensor, param: str = "x") -> None:
         raise ValueError(f"{param} holds NaN or Inf values; quantization needs finite inputs")
 
 
-def _check_granularity(x: torch.Tensor, granularity: str, group_size: int | None) -> None:
-    check_choice("granularity", granularity, GRANULARITIES)
-    if granularity == "group":
-        check_positive_int("group_size", group_size)
-        if x.shape[-1] % group_size:
-            raise ValueError(f"group_size {group_size} must divide the last dimension ({x.shape[-1]})")
-    elif group_size is not None:
-        raise ValueError(f"group_size is only used with granularity='group', got {group_size!r}")
-    if granularity in ("channel", "token") and x.dim() < 2:
-        raise ValueError(f"granularity '{granularity}' needs a tensor of at least 2 dimensions")
+def check_grid(param: str, grid: Grid, granularities: tuple[str, ...] = GRANULARITIES) -> None:
+    """Raise ``TypeError`` unless ``grid`` (the argument named ``param``) is a :class:`Grid`, and
+    ``ValueError`` unless its granularity is one of ``granularities``."""
+    if not isinstance(grid, Grid):
+        raise TypeError(f"{param} must be a uniform.Grid, got {type(grid).__name__}")
+    if grid.granularity not in granularities:
+        raise ValueError(f"{param} must have a granularity in {list(granularities)}, got {grid.granularity!r}")
 
 
-def grouped(x: torch.Tensor, granularity: str, group_size: int | None) -> torch.Tensor:
-    """View ``x`` so that the values sharing one scale lie along the last dimension.
+def _check_fits(x: torch.Tensor, grid: Grid) -> None:
+    if grid.group_size is not None and x.shape[-1] % grid.group_size:
+        raise ValueError(f"group_size {grid.group_size} must divide the last dimension ({x.shape[-1]})")
+    if grid.granularity in ("channel", "token") and x.dim() < 2:
+        raise ValueError(f"granularity '{grid.granularity}' needs a tensor of at least 2 dimensions")
+
+
+def grouped(x: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """View ``x`` so that the values sharing one scale of ``grid`` lie along the last dimension.
 
     tensor: ``[1, numel]``; channel and token: ``[rows, last]`` (every row of the last dimension —
     an output channel of a weight ``[out, in]``, a token of an activation ``[..., features]``);
     group: ``[rows, last / group_size, group_size]``.
     """
-    if granularity == "tensor":
+    if grid.granularity == "tensor":
         return x.reshape(1, -1)  # [1, numel]
     rows = x.reshape(-1, x.shape[-1])  # [rows, last]
-    if granularity == "group":
-        return rows.reshape(rows.shape[0], -1, group_size)  # [rows, last / g, g]
+    if grid.granularity == "group":
+        return rows.reshape(rows.shape[0], -1, grid.group_size)  # [rows, last / g, g]
     return rows
 
 
-def compute_qparams(
-    x: torch.Tensor,
-    bits: int,
-    symmetric: bool = True,
-    granularity: str = "channel",
-    group_size: int | None = None,
-    scale_dtype: torch.dtype = torch.float32,
-) -> QParams:
-    """Scales (and zero-points) from the range of ``x`` — its absmax (symmetric) or its min and max
-    widened to include 0 (asymmetric) — per tensor, channel, group or token.
+def compute_qparams(x: torch.Tensor, grid: Grid, scale_dtype: torch.dtype = torch.float32) -> QParams:
+    """Scales (and zero-points) of ``grid`` from the range of ``x`` — its absmax (symmetric) or its min
+    and max widened to include 0 (asymmetric) — per tensor, channel, group or token.
 
     ``scale_dtype`` rounds the scales to the precision they will be stored in (e.g. float16), so that
     codes computed here are the ones a packed layer reproduces.
     """
     check_input(x)
-    check_bits(bits)
-    _check_granularity(x, granularity, group_size)
-    qmin, qmax = code_range(bits, symmetric)
-    g = grouped(x.detach().float(), granularity, group_size)  # values sharing a scale on the last dim
+    check_grid("grid", grid)
+    _check_fits(x, grid)
+    qmin, qmax = grid.qmin, grid.qmax
+    g = grouped(x.detach().float(), grid)  # values sharing a scale on the last dim
     # The smallest positive (subnormal) value of scale_dtype: only all-zero groups fall back on it, so
     # groups of small values keep the scale their range asks for.
     tiny = torch.nextafter(torch.zeros((), dtype=scale_dtype), torch.ones((), dtype=scale_dtype)).item()
-    if symmetric:
+    if grid.symmetric:
         absmax = g.abs().amax(dim=-1, keepdim=True)
         scale = (absmax / qmax).clamp_min(tiny).to(scale_dtype).float()
         zero_point = torch.zeros_like(scale)
@@ -151,7 +173,7 @@ def compute_qparams(
         high = g.amax(dim=-1, keepdim=True).clamp_min(0.0)
         scale = ((high - low) / (qmax - qmin)).clamp_min(tiny).to(scale_dtype).float()
         zero_point = (qmin - low / scale).round().clamp(qmin, qmax)
-    return QParams(scale, zero_point, bits, symmetric, granularity, group_size)
+    return QParams(scale, zero_point, grid)
 
 
 def quantize(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
@@ -160,13 +182,13 @@ def quantize(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
     check_input(x)
     if not isinstance(qparams, QParams):
         raise TypeError(f"qparams must be QParams, got {type(qparams).__name__}")
-    _check_granularity(x, qparams.granularity, qparams.group_size)
-    g = grouped(x.float(), qparams.granularity, qparams.group_size)
+    _check_fits(x, qparams.grid)
+    g = grouped(x.float(), qparams.grid)
     try:
         codes = torch.round(g / qparams.scale) + qparams.zero_point
     except RuntimeError as exc:
         raise ValueError(f"qparams do not fit x of shape {tuple(x.shape)}: {exc}") from None
-    return codes.clamp(qparams.qmin, qparams.qmax).to(torch.int32)
+    return codes.clamp(qparams.grid.qmin, qparams.grid.qmax).to(torch.int32)
 
 
 def dequantize(codes: torch.Tensor, qparams: QParams, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
@@ -177,47 +199,35 @@ def dequantize(codes: torch.Tensor, qparams: QParams, shape: torch.Size | tuple[
     return values.reshape(shape)
 
 
-def fake_quantize(
-    x: torch.Tensor,
-    bits: int,
-    symmetric: bool = True,
-    granularity: str = "channel",
-    group_size: int | None = None,
-    scale_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """``dequantize(quantize(x))`` with parameters computed from ``x`` itself (dynamic range): the
-    values a quantized model computes with, in ``x``'s dtype. ``scale_dtype`` as in :func:`compute_qparams`."""
-    qparams = compute_qparams(x, bits, symmetric, granularity, group_size, scale_dtype)
+def fake_quantize(x: torch.Tensor, grid: Grid, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``dequantize(quantize(x))`` with parameters of ``grid`` computed from ``x`` itself (dynamic
+    range): the values a quantized model computes with, in ``x``'s dtype. ``scale_dtype`` as in
+    :func:`compute_qparams`."""
+    qparams = compute_qparams(x, grid, scale_dtype)
     return dequantize(quantize(x, qparams), qparams, x.shape).to(x.dtype)
 
 
 # --- a whole model ------------------------------------------------------------------------------
 
 
-def check_model_grid(model: torch.nn.Module, bits: int, group_size: int | None,
-                     skip: tuple[str, ...] = ("lm_head",)) -> None:
-    """Check ``bits``, that ``group_size`` divides the inputs of every linear layer to be quantized and
-    that their weights are finite, so that a method can fail before it changes the first layer."""
-    check_bits(bits)
+def check_model_grid(model: torch.nn.Module, grid: Grid, skip: tuple[str, ...] = ("lm_head",)) -> None:
+    """Check that ``grid`` is a weight grid, that its ``group_size`` divides the inputs of every linear
+    layer to be quantized and that their weights are finite, so that a method can fail before it
+    changes the first layer."""
+    check_grid("grid", grid, WEIGHT_GRANULARITIES)
     for name, linear in anatomy.compressed_linears(model, skip).items():
-        if group_size is not None and linear.in_features % group_size:
-            raise ValueError(f"group_size {group_size} must divide in_features of {name} ({linear.in_features})")
+        if grid.group_size is not None and linear.in_features % grid.group_size:
+            raise ValueError(f"group_size {grid.group_size} must divide in_features of {name} ({linear.in_features})")
         if not torch.isfinite(linear.weight).all():
             raise ValueError(f"the weight of {name} holds NaN or Inf values")
 
 
 @torch.no_grad()
 @restores_on_error("model")
-def quantize_model_rtn(
-    model: torch.nn.Module,
-    bits: int,
-    symmetric: bool = False,
-    granularity: str = "group",
-    group_size: int | None = 64,
-    skip: tuple[str, ...] = ("lm_head",),
-) -> torch.nn.Module:
-    """Round-to-nearest weight quantization of every linear layer, in place (simulated: each weight
-    is replaced by its dequantized values; :mod:`refimpl.quantization.packed` stores real codes).
+def quantize_model_rtn(model: torch.nn.Module, grid: Grid, skip: tuple[str, ...] = ("lm_head",)) -> torch.nn.Module:
+    """Round-to-nearest weight quantization of every linear layer onto ``grid`` (per tensor, channel or
+    group), in place (simulated: each weight is replaced by its dequantized values;
+    :mod:`refimpl.quantization.packed` stores real codes).
 
     Scales are rounded to float16, the precision a packed layer stores (:data:`WEIGHT_SCALE_DTYPE`),
     so the simulated model computes exactly what the packed one does.
@@ -229,11 +239,10 @@ def quantize_model_rtn(
         ``model``, modified in place.
     """
     linears = anatomy.compressed_linears(model, skip)
-    check_bits(bits)
-    check_choice("granularity", granularity, ("tensor", "channel", "group"))
+    check_grid("grid", grid, WEIGHT_GRANULARITIES)
     for name, linear in linears.items():
         check_input(linear.weight, f"weight of {name}")
-        _check_granularity(linear.weight, granularity, group_size)
+        _check_fits(linear.weight, grid)
     for linear in linears.values():
-        linear.weight.copy_(fake_quantize(linear.weight, bits, symmetric, granularity, group_size, WEIGHT_SCALE_DTYPE))
+        linear.weight.copy_(fake_quantize(linear.weight, grid, WEIGHT_SCALE_DTYPE))
     return model

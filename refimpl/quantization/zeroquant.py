@@ -36,21 +36,26 @@ from torch.nn.utils import parametrize
 from refimpl import anatomy, calibration
 from refimpl._rollback import restores_on_error
 from refimpl._validation import check_positive_int
+from refimpl.quantization import uniform
 from refimpl.quantization.activation import ActivationQuantizedLinear, quantize_model_w8a8, straight_through
 
 
-def quantize_model_zeroquant(model: nn.Module, w_bits: int = 8, group_size: int | None = 64, a_bits: int | None = 8,
-                             a_symmetric: bool = True, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
-    """ZeroQuant's scheme, in place: symmetric group-wise weights (``group_size`` inputs per scale;
-    ``None``: one group per row) and dynamic per-token activations on ``a_bits`` (``None``: weight-only).
+def quantize_model_zeroquant(model: nn.Module, weight_grid: uniform.Grid = uniform.Grid(8, group_size=64),
+                             act_grid: uniform.Grid | None = uniform.Grid(8, per="token"),
+                             skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+    """ZeroQuant's scheme, in place: group-wise weights on ``weight_grid`` (symmetric, ``group_size``
+    inputs per scale by default; per channel: one group per row) and dynamic per-token activations on
+    ``act_grid`` (``None``: weight-only).
 
     Returns:
         ``model``, modified in place (its linear layers become
         :class:`~refimpl.quantization.activation.ActivationQuantizedLinear`); an error leaves it as it
         was (see :func:`~refimpl.quantization.activation.quantize_model_w8a8`).
     """
-    return quantize_model_w8a8(model, None, w_bits, a_bits, "channel" if group_size is None else "group", group_size,
-                               act_granularity="token", static=False, skip=skip, a_symmetric=a_symmetric)
+    uniform.check_grid("weight_grid", weight_grid, ("channel", "group"))
+    if act_grid is not None:
+        uniform.check_grid("act_grid", act_grid, ("token",))
+    return quantize_model_w8a8(model, None, weight_grid, act_grid, static=False, skip=skip)
 
 
 class _LatentWeight(nn.Module):
@@ -69,7 +74,7 @@ def _paired_linears(fp_layer: nn.Module, q_layer: nn.Module) -> list[tuple[Activ
     fp_modules = dict(fp_layer.named_modules())
     pairs = []
     for name, module in q_layer.named_modules():
-        if isinstance(module, ActivationQuantizedLinear) and module.w_bits is not None:
+        if isinstance(module, ActivationQuantizedLinear) and module.weight_grid is not None:
             teacher = fp_modules.get(name)
             if not isinstance(teacher, nn.Linear) or teacher.weight.shape != module.weight.shape:
                 raise TypeError(f"model_fp has no nn.Linear {name} of shape {tuple(module.weight.shape)}: "
