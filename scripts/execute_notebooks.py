@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import jupytext
+from ipykernel.kernelspec import get_kernel_dict
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -30,7 +31,10 @@ def execute(source: Path, timeout: int = 1800) -> float:
     """Execute one notebook source and write its executed ``.ipynb`` twin; return the seconds taken."""
     nb = jupytext.read(source)
     nb.metadata.setdefault("jupytext", {})["formats"] = "ipynb,md:myst"
-    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    # The kernelspec as JupyterLab writes it when it starts ipykernel's "python3" kernel (these keys, in
+    # this order), so that opening a chapter there leaves both files as they are (tests/test_notebooks.py).
+    spec = get_kernel_dict()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": spec["display_name"], "language": spec["language"]}
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(source.parent)}})
     start = time.perf_counter()

@@ -213,6 +213,20 @@ def test_solutions_are_hidden(html):
                 assert "dropdown" in classes.split(), f"{stem}: a solution is shown unfolded ({classes})"
 
 
+
+def test_exercises_are_numbered_within_their_chapter(html):
+    """Chapter NN's exercises are "Exercise N.1", "N.2", ... (chapter 00, unnumbered, counts 1, 2, ...),
+    and a reference to one reads "Exercise N.k" once, not "Exercise Exercise N.k"."""
+    for stem in chapter_stems():
+        text = page_text(html / "notebooks" / f"{stem}.html")
+        chapter = int(stem[:2])
+        numbers = re.findall(r"exercise (\d+(?:\.\d+)?)", text)  # page_text folds case
+        assert numbers, f"{stem} shows no exercise"
+        prefix = "" if chapter == 0 else f"{chapter}."
+        strays = sorted({n for n in numbers if not (n.startswith(prefix) and n[len(prefix):].isdigit())})
+        assert not strays, f"{stem}: exercises numbered outside chapter {chapter}: {strays}"
+        assert not re.search(r"exercise\s+exercise", text), f"{stem} says 'Exercise Exercise'"
+
 # --- in a browser -------------------------------------------------------------------------------
 # Headless Chromium driven by Playwright, at a phone's width (390 px) and a laptop's (1366 px), on
 # the built pages opened from the file system. Skipped where Playwright or Chromium is missing, unless
