@@ -249,11 +249,12 @@ def test_select_skipped_layers_reports_what_it_found():
         assert value.item() == pytest.approx(expected, rel=1e-12)
 
 
-def test_select_skipped_layers_keeps_below_max_cost_ratio():
+def test_select_skipped_layers_keeps_within_the_cost_band():
     model = _tiny(5)
-    selection = select_skipped_layers(model, [_ids(5, 7)], 8, gamma=2, n_iter=6, n_init=4, max_cost_ratio=0.7)
-    assert all(cost_ratio(model, *skip_sets(z)) <= 0.7 for z in selection.search.points)
-    assert selection.cost_ratio <= 0.7
+    selection = select_skipped_layers(model, [_ids(5, 7)], 8, gamma=2, n_iter=6, n_init=4, min_cost_ratio=0.5,
+                                      max_cost_ratio=0.7)
+    assert all(0.5 <= cost_ratio(model, *skip_sets(z)) <= 0.7 for z in selection.search.points)
+    assert 0.5 <= selection.cost_ratio <= 0.7 and len(selection.search.values) == 4 + 6
 
 
 def test_greedy_acceptance_of_the_target_itself_is_one():
@@ -333,6 +334,8 @@ def test_skip_sets_checks_z():
     (dict(verify_ratio=0.0), ValueError, "verify_ratio must be a positive finite number"),
     (dict(max_cost_ratio=1.5), ValueError, r"max_cost_ratio must be a number in \[0, 1\]"),
     (dict(max_cost_ratio=0.0), ValueError, "feasible rejected every initial and random vector"),
+    (dict(min_cost_ratio=-0.1), ValueError, r"min_cost_ratio must be a number in \[0, 1\]"),
+    (dict(min_cost_ratio=0.6, max_cost_ratio=0.5), ValueError, r"min_cost_ratio \(0.6\) must not exceed max_cost_ratio"),
     (dict(prompts=[]), ValueError, "prompts must be a non-empty sequence of LongTensor"),
     (dict(prompts=torch.zeros(1, 3, dtype=torch.long)), ValueError, "prompts must be a non-empty sequence"),
     (dict(prompts=[torch.zeros(2, 3, dtype=torch.long)]), ValueError, r"prompts\[0\] must hold one sequence"),
@@ -350,3 +353,25 @@ def test_select_skipped_layers_checks_its_arguments_and_leaves_the_model_whole(k
 
 
 # --- SmolLM2 --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_speculative_decoding_with_a_layer_skipping_draft_is_the_target(smollm2):
+    """SmolLM2-135M-Instruct: greedy speculative decoding with drafts that skip attention and MLP
+    sublayers (some in the first layer) returns generate()'s tokens, in the rounds that teacher-forced
+    agreement predicts; skipping nothing keeps the target's logits bit for bit."""
+    model, tokenizer = smollm2
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Explain what a prime number is."}],
+                                         tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tokenizer(text).input_ids])
+    expected = generate(model, ids, 16)
+    with torch.no_grad():
+        assert torch.equal(LayerSkipDecoder(model)(ids), Decoder.from_hf(model)(ids))
+        target = Decoder.from_hf(model)(expected)[0, ids.shape[1] - 1:-1].argmax(-1)
+    for skip_attention, skip_mlp in [((0, 5, 11, 17), (3, 9, 20)), (range(10, 30, 2), range(1, 30, 3))]:
+        draft = LayerSkipDecoder(model, skip_attention, skip_mlp)
+        result = spec.speculative_generate(model, spec.ModelDraft(draft), ids, 16, gamma=3)
+        assert torch.equal(result.sequences, expected)
+        with torch.no_grad():
+            agrees = draft(expected)[0, ids.shape[1] - 1:-1].argmax(-1) == target
+        assert result.rounds == spec.greedy_rounds(agrees, 3)

@@ -336,15 +336,20 @@ class SkipSelection:
 
 def select_skipped_layers(model: nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int, gamma: int,
                           n_iter: int, n_init: int = 8, seed: int = 0, verify_ratio: float = 1.0,
-                          max_cost_ratio: float = 1.0) -> SkipSelection:
+                          min_cost_ratio: float = 0.0, max_cost_ratio: float = 1.0) -> SkipSelection:
     """Draft & Verify's layer selection (module docstring): Bayesian optimization of the predicted
     speed-up :math:`S(z)` at ``gamma`` proposals, with :math:`\\alpha(z)` teacher-forced on the target's
     greedy continuations of ``prompts`` (``max_new_tokens`` each) and ``verify_ratio`` :math:`r`.
-    Drafts whose cost ratio exceeds ``max_cost_ratio`` are not considered; the search starts from
+    Only drafts whose cost ratio lies in ``[min_cost_ratio, max_cost_ratio]`` are considered (a narrow
+    band compares acceptance at a fixed cost: where no draft is accepted often, :math:`S` is highest
+    for the cheapest one); the search starts from
     skipping nothing (:math:`S = 1` when :math:`r = 1`) if that is allowed. ``model`` is only read."""
     check_positive_int("gamma", gamma)
     check_positive_number("verify_ratio", verify_ratio)
+    check_fraction("min_cost_ratio", min_cost_ratio)
     check_fraction("max_cost_ratio", max_cost_ratio)
+    if min_cost_ratio > max_cost_ratio:
+        raise ValueError(f"min_cost_ratio ({min_cost_ratio}) must not exceed max_cost_ratio ({max_cost_ratio})")
     check_non_negative_int("n_iter", n_iter)
     check_non_negative_int("n_init", n_init)
     check_non_negative_int("seed", seed)
@@ -358,7 +363,7 @@ def select_skipped_layers(model: nn.Module, prompts: Sequence[torch.Tensor], max
         return float((head + sizes[~z].sum()) / (head + sizes.sum()))
 
     def feasible(z: torch.Tensor) -> bool:  # an attention sublayer runs, and the draft is cheap enough
-        return not bool(z[:n_layers].all()) and cost(z) <= max_cost_ratio
+        return not bool(z[:n_layers].all()) and min_cost_ratio <= cost(z) <= max_cost_ratio
 
     def predicted_speedup(z: torch.Tensor) -> float:  # S(z)
         alpha, c = greedy_acceptance(LayerSkipDecoder(model, *skip_sets(z)), calibration), cost(z)
