@@ -311,6 +311,7 @@ def test_the_draft_needs_a_llama():
     (dict(initial=[torch.ones(12, dtype=torch.bool)], feasible=lambda z: not z.all()), ValueError,
      r"initial\[0\] must be a feasible"),
     (dict(n_init=0), ValueError, "feasible rejected every initial and random vector"),
+    (dict(objective=lambda z: float("nan")), ValueError, "objective must return finite values, got nan"),
     (dict(feasible=lambda z: False), ValueError, "feasible rejected every initial and random vector"),
 ])
 def test_bayesian_optimization_checks_its_arguments(kwargs, error, message):

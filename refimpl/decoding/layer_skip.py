@@ -42,6 +42,7 @@ draft's confidence falls below an adapted threshold) is not implemented: the dra
 
 Usage::
 
+    from refimpl.decoding import speculative as spec
     selection = select_skipped_layers(model, prompts, max_new_tokens=32, gamma=4, n_iter=40)
     draft = LayerSkipDecoder.from_hf(model, selection.skip_attention, selection.skip_mlp)
     result = spec.speculative_generate(model, spec.ModelDraft(draft), prompt, 64, gamma=4)
@@ -296,8 +297,11 @@ def bayesian_optimization(objective: Callable[[torch.Tensor], float], n_bits: in
 
     def evaluate(z: torch.Tensor) -> None:
         seen.add(tuple(z.tolist()))
+        value = float(objective(z.clone()))
+        if not math.isfinite(value):  # a NaN would never be the argmax, and would break the GP
+            raise ValueError(f"objective must return finite values, got {value} at {z.int().tolist()}")
         points.append(z.clone())
-        values.append(float(objective(z.clone())))
+        values.append(value)
 
     for z in initial:
         if tuple(z.tolist()) not in seen:
