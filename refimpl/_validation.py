@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Sequence, Set as AbstractSet
 from typing import Any
 
 
@@ -75,6 +75,21 @@ def check_layer_indices(keep: Sequence[int], n_layers: int | None = None, param:
     if any(a >= b for a, b in zip(keep, keep[1:])):
         raise ValueError(f"{param} must be strictly increasing (sorted, no duplicates), got {list(keep)}")
     return tuple(keep)
+
+
+def check_layer_set(param: str, skip: Any, n_layers: int) -> tuple[int, ...]:
+    """``skip`` (the argument named ``param``: a sequence or set of layers, e.g. layers to skip) as a
+    sorted tuple, after checking that it holds distinct int layer indices in ``[0, n_layers)`` (it may
+    be empty)."""
+    if isinstance(skip, (str, bytes)) or not isinstance(skip, (Sequence, AbstractSet)):
+        raise ValueError(f"{param} must be a sequence or set of layer indices, got {skip!r}")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in skip):
+        raise ValueError(f"{param} must hold ints, got {list(skip)!r}")
+    if any(not 0 <= i < n_layers for i in skip):
+        raise ValueError(f"{param} must hold layer indices in [0, {n_layers}), got {sorted(skip)}")
+    if len(set(skip)) != len(skip):
+        raise ValueError(f"{param} must not repeat a layer index, got {list(skip)}")
+    return tuple(sorted(skip))
 
 
 def check_finite(param: str, values: Any) -> None:

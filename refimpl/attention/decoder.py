@@ -61,8 +61,9 @@ class Decoder(nn.Module):
 
     ``layers`` runs only some of the model's decoder layers, in order, then the final norm and the
     output head: ``range(k)`` is the early exit of self-speculative decoding (LayerSkip, Elhoushi et
-    al. 2024, arXiv:2404.16710), other subsets skip layers (Draft & Verify, Zhang et al. 2023,
-    arXiv:2309.08168). Its caches hold one layer per layer run.
+    al. 2024, arXiv:2404.16710), other subsets skip whole layers; Draft & Verify (Zhang et al. 2023,
+    arXiv:2309.08168) skips attention and MLP sublayers separately
+    (:class:`refimpl.decoding.layer_skip.LayerSkipDecoder`). Its caches hold one layer per layer run.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[int] | None = None):
@@ -132,9 +133,21 @@ class Decoder(nn.Module):
         """The ``i``-th layer run (the model's layer ``self.layers[i]``), :math:`x \\mapsto y` of the module
         docstring, on the hidden states ``h [batch, t, hidden]`` of the new tokens at ``positions [t]``:
         attention through that layer's ``cache`` (``None``: causal among the new tokens), then the gated
-        MLP, each on the RMSNorm of its input and added to it."""
+        MLP, each on the RMSNorm of its input and added to it (:meth:`attention_sublayer`, then
+        :meth:`mlp_sublayer`)."""
+        return self.mlp_sublayer(i, self.attention_sublayer(i, h, positions, cache))  # [b, t, hidden]
+
+    def attention_sublayer(self, i: int, h: torch.Tensor, positions: torch.Tensor,
+                           cache: KVCache | None) -> torch.Tensor:
+        """The first half of :meth:`block` ``i``: :math:`h = x + W_O\\,\\mathrm{Attn}(\\mathrm{RMSNorm}(x))`
+        on ``h [batch, t, hidden]`` (a draft that skips this sublayer passes the residual through)."""
         layer, eps = self.model.model.layers[self.layers[i]], self.model.config.rms_norm_eps
-        h = h + self.attention(layer.self_attn, rms_norm(h, layer.input_layernorm.weight, eps), positions, cache)
+        return h + self.attention(layer.self_attn, rms_norm(h, layer.input_layernorm.weight, eps), positions, cache)
+
+    def mlp_sublayer(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """The second half of :meth:`block` ``i``: :math:`y = h + W_\\text{down}(\\mathrm{SiLU}(W_\\text{gate}
+        u) \\odot W_\\text{up} u)`, :math:`u = \\mathrm{RMSNorm}(h)`, on ``h [batch, t, hidden]``."""
+        layer, eps = self.model.model.layers[self.layers[i]], self.model.config.rms_norm_eps
         u = rms_norm(h, layer.post_attention_layernorm.weight, eps)
         mlp = layer.mlp
         return h + mlp.down_proj(F.silu(mlp.gate_proj(u)) * mlp.up_proj(u))  # [b, t, hidden]
