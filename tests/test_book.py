@@ -320,3 +320,100 @@ def test_chapter_pages_load_without_errors(html, browser):
         page.wait_for_load_state("load")
         assert not errors, (stem, errors)
         page.close()
+
+
+# --- code and outputs in the text column ----------------------------------------------------------
+# book/_static/wide-content.css widens the column beside the page contents and, on a desktop, wraps a
+# line wider than its block (pre-wrap, continuation indented) instead of hiding its end behind a
+# sideways scroll. Measured before that change at 1366 px: 151 of 179 code cells and 79 of 216
+# outputs scrolled sideways; after it, none.
+
+# What may still scroll sideways at 1366 px, across the book. Text cannot any more (it wraps), so a
+# code cell never may; an output may only where it is not text: an image or an HTML table wider than
+# the column. Two leave room for one such table without letting a broken stylesheet through.
+MAX_WIDE_CODE_CELLS = 0
+MAX_WIDE_OUTPUTS = 2
+
+_OVERFLOW = """() => {
+  const wide = e => e.scrollWidth > e.clientWidth + 1;
+  const outputs = [...document.querySelectorAll('.cell_output > .output')];
+  return {
+    code: [...document.querySelectorAll('.cell_input pre')].filter(wide).map(e => e.textContent.slice(0, 60)),
+    outputs: outputs.filter(o => wide(o) || [...o.querySelectorAll('pre, table, img')].some(wide))
+                    .map(o => o.textContent.slice(0, 60)),
+    cells: document.querySelectorAll('.cell_input pre').length,
+    page: document.documentElement.scrollWidth,
+    viewport: window.innerWidth,
+  };
+}"""
+
+
+def test_code_and_outputs_fit_the_desktop_column(html, browser):
+    wide_code, wide_outputs, cells = [], [], 0
+    for stem in chapter_stems():
+        page, _ = _open(browser, (html / "notebooks" / f"{stem}.html").as_uri(), 1366)
+        found = page.evaluate(_OVERFLOW)
+        page.close()
+        cells += found["cells"]
+        wide_code += [(stem, text) for text in found["code"]]
+        wide_outputs += [(stem, text) for text in found["outputs"]]
+        assert found["page"] <= found["viewport"], f"{stem} scrolls sideways at 1366 px"
+    assert cells > 100, "no code cells found: has the theme's markup changed?"
+    assert len(wide_code) <= MAX_WIDE_CODE_CELLS, f"code cells wider than the column: {wide_code}"
+    assert len(wide_outputs) <= MAX_WIDE_OUTPUTS, f"outputs wider than the column: {wide_outputs}"
+
+
+def test_phone_pages_do_not_scroll_sideways(html, browser):
+    """At 390 px a wide code block or output scrolls inside itself (wrapped at 40 characters, code and
+    tables would read worse), but the page itself never scrolls sideways."""
+    for stem in chapter_stems():
+        page, _ = _open(browser, (html / "notebooks" / f"{stem}.html").as_uri(), 390)
+        found = page.evaluate(_OVERFLOW)
+        scrolls = page.evaluate("() => getComputedStyle(document.querySelector('.cell_input pre')).overflowX")
+        page.close()
+        assert found["page"] <= found["viewport"], f"{stem}: the page is {found['page']} px wide at 390 px"
+        assert scrolls in ("auto", "scroll"), f"{stem}: a wide code block cannot be scrolled on a phone"
+
+
+def test_wrapped_code_copies_its_original_lines(html, browser):
+    """Wrapping is layout only: a block's text (what the copy button and a selection take) keeps the
+    notebook's line breaks and no others."""
+    page, _ = _open(browser, (html / "notebooks" / "05_pruning.html").as_uri(), 1366)
+    blocks = page.evaluate("""() => [...document.querySelectorAll('.cell_input pre')]
+        .filter(e => getComputedStyle(e).whiteSpace === 'pre-wrap' && e.getClientRects()[0].height > 0)
+        .map(e => [e.innerText, e.textContent, e.getBoundingClientRect().height / parseFloat(getComputedStyle(e).lineHeight)])""")
+    page.close()
+    assert blocks, "no wrapped code blocks at 1366 px"
+    wrapped = 0
+    for inner, text, rendered_lines in blocks:
+        assert inner.rstrip("\n") == text.rstrip("\n")
+        wrapped += rendered_lines > text.rstrip("\n").count("\n") + 1 + 1.5  # + padding, in lines
+    assert wrapped, "no block of chapter 05 shows a wrapped line: is the wrap still needed?"
+
+
+def test_effects_tables_fit_without_wrapping(html, browser):
+    """Chapter 09 prints its effects table as two tables (and the cost of each row with what it needs
+    below it) so that at 1366 px none of their lines has to wrap: a wrapped table loses its columns."""
+    page, _ = _open(browser, (html / "notebooks" / "09_practical_considerations.html").as_uri(), 1366)
+    widths = page.evaluate("""() => [...document.querySelectorAll('.cell_output pre')]
+        .filter(e => /KV B\\/tok|speed, cost and needs|s calibration/.test(e.textContent))
+        .map(e => { e.style.whiteSpace = 'pre'; const r = [e.textContent.slice(0, 40), e.scrollWidth, e.clientWidth];
+                    e.style.whiteSpace = ''; return r; })""")
+    page.close()
+    assert len(widths) >= 2, widths
+    for text, natural, column in widths:
+        assert natural <= column, f"{text!r}...: {natural} px of lines in a {column} px block"
+
+
+def test_pareto_figure_is_legible(html, browser):
+    """Chapter 09's trade-off figure is drawn for the column (750 px at 100 dpi) with labels of 9
+    points, 12.5 px in the image: shown at 1366 px it may shrink to no less than 0.72 of its size,
+    where its labels are still 9 px tall."""
+    page, _ = _open(browser, (html / "notebooks" / "09_practical_considerations.html").as_uri(), 1366)
+    images = page.evaluate("""() => [...document.querySelectorAll('#trade-off-fronts .cell_output img')]
+        .map(i => [i.naturalWidth, i.getBoundingClientRect().width])""")
+    page.close()
+    assert images, "no figure in the trade-off section"
+    for natural, shown in images:
+        assert natural > 0
+        assert 12.5 * shown / natural >= 9, f"a {natural} px figure shown {shown:.0f} px wide: labels under 9 px"
