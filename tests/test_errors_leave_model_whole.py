@@ -36,8 +36,8 @@ from refimpl.distillation import cache
 from refimpl.distillation import train as kd
 from refimpl.distillation.student import StudentSpec, layer_subset_student
 from refimpl.pruning import magnitude, masks, sparsegpt, structured, wanda
-from refimpl.quantization import (activation, awq, gptq, llm_int8, packed, qat, qlora, smoothquant, uniform,
-                                  zeroquant)
+from refimpl.quantization import (activation, awq, gptq, lkd, llm_int8, packed, qat, qlora, smoothquant,
+                                  uniform, zeroquant)
 from refimpl.training import TrainConfig
 
 VOCAB = 128  # make_tiny_llama's
@@ -126,7 +126,7 @@ def _step_by_step_batches() -> list[sbs.MultiTaskBatch]:
 
 
 def _quantized_copy(model: nn.Module) -> nn.Module:
-    return zeroquant.quantize_model_zeroquant(copy.deepcopy(model), act_grid=None)
+    return qat.prepare_qat(copy.deepcopy(model), G4)
 
 
 # --- 1. a failure half-way leaves the model whole ------------------------------------------------
@@ -145,8 +145,8 @@ def _case(make_model: Callable[[], nn.Module], call: Callable[[nn.Module], Any],
 
 def _lkd_case() -> tuple[nn.Module, Callable[[], Any], type[BaseException]]:
     teacher = make_tiny_llama()
-    student = _quantized_copy(teacher)  # layer 0 is trained (and parametrized) before the loss diverges
-    return student, lambda: zeroquant.layerwise_distill(teacher, student, BLOCKS, steps=3, lr=1e30), FloatingPointError
+    student = _quantized_copy(teacher)  # layer 0 is trained before the loss diverges
+    return student, lambda: lkd.layerwise_distill(student, teacher, BLOCKS, TrainConfig(steps=3, lr=1e30)), FloatingPointError
 
 
 def _distill_case(trainer: Callable[..., training.TrainLog], **options: Any) -> Case:
@@ -247,6 +247,8 @@ SWAPS: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], Any]]] = {
     "gptq-pack": (make_tiny_llama, lambda m: gptq.quantize_model_gptq(m, BLOCKS, G4, pack=True)),
     "awq-pack": (make_tiny_llama, lambda m: awq.quantize_model_awq(m, BLOCKS, G4, pack=True)),
     "prepare-qat": (make_tiny_llama, lambda m: qat.prepare_qat(m, G4)),
+    "prepare-qat-kv": (make_tiny_llama, lambda m: qat.prepare_qat(m, G4, kv_bits=4)),
+    "quantize-kv-projections": (make_tiny_llama, lambda m: qat.quantize_kv_projections(m, 4)),
     "convert-qat": (lambda: qat.prepare_qat(make_tiny_llama(), G4), lambda m: qat.convert_qat(m)),
     "add-lora": (make_tiny_llama, lambda m: lora.add_lora(m, r=4)),
     "merge-lora": (lambda: lora.add_lora(make_tiny_llama(), r=4), lambda m: lora.merge_lora(m)),
@@ -325,6 +327,7 @@ LAYERS: dict[str, Callable[[], nn.Module]] = {
     "QuantizedLinear": lambda: packed.QuantizedLinear.from_linear(_linear(), G4),
     "CodeBookLinear": lambda: packed.CodeBookLinear.from_linear(_linear()),
     "FakeQuantLinear": lambda: qat.FakeQuantLinear(_linear(), G4),
+    "QuantizedKVProjection": lambda: qat.QuantizedKVProjection(_linear(), 4),
     "LoRALinear": lambda: lora.LoRALinear(_linear(), r=4),
     "LoRALinear-on-NF4": lambda: lora.LoRALinear(packed.CodeBookLinear.from_linear(_linear()), r=4),
 }
@@ -386,7 +389,7 @@ TAKES_TOKEN_IDS: dict[str, tuple[str, Callable[[nn.Module, torch.Tensor], Any]]]
     "taylor_importance": ("blocks", lambda m, ids: structured.taylor_importance(m, ids)),
     "activation_importance": ("blocks", lambda m, ids: structured.activation_importance(m, ids)),
     "recover": ("blocks", lambda m, ids: structured.recover(m, ids, TrainConfig(steps=1))),
-    "layerwise_distill": ("blocks", lambda m, ids: zeroquant.layerwise_distill(m, _quantized_copy(m), ids)),
+    "layerwise_distill": ("blocks", lambda m, ids: lkd.layerwise_distill(_quantized_copy(m), m, ids)),
     "next_token_loss": ("batch", lambda m, ids: training.next_token_loss(m, ids)),
     "generate": ("input_ids", lambda m, ids: generate(m, ids, 3)),
     "Decoder": ("input_ids", lambda m, ids: Decoder.from_hf(m)(ids)),

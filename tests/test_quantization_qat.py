@@ -1,7 +1,8 @@
 """refimpl.quantization.qat: fake quantization starts at RTN and passes gradients straight through,
 LSQ step sizes learn, QAT by distillation lowers the loss, conversion back reproduces the trained
-model (float or packed), LLM-QAT's self-generated text, the KV cache trains through its rounding,
-and validation leaves the model untouched."""
+model (float or packed), LLM-QAT's self-generated text, LLM-QAT's KV cache (per token, on the grid,
+trained through its rounding, kept by conversion), the KV cache of kv_cache.kv_quantization trains
+through its rounding, and validation leaves the model untouched."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from refimpl import training
+from refimpl import anatomy, models, training
 from refimpl.distillation.losses import forward_kl
 from refimpl.quantization import activation, kv_cache, packed, qat, uniform
 
@@ -165,6 +166,101 @@ def test_the_kv_cache_trains_through_its_rounding(tiny_llama):
         tiny_llama(blocks, labels=blocks).loss.backward()
     grad = tiny_llama.model.layers[0].self_attn.k_proj.weight.grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+def test_kv_fake_quantization_at_high_bits_is_close_to_float(tiny_llama):
+    blocks = _blocks(length=40)
+    with torch.no_grad():
+        reference = tiny_llama(blocks).logits
+        errors = {bits: (qat.quantize_kv_projections(copy.deepcopy(tiny_llama), bits)(blocks).logits - reference).abs().max()
+                  for bits in (8, 2)}
+    assert errors[8] < 2e-2 * reference.abs().max()
+    assert errors[2] > 10 * errors[8]  # and low bits are not
+
+
+def test_kv_projection_passes_gradients_straight_through():
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 8)
+    wrapped = qat.QuantizedKVProjection(copy.deepcopy(linear), bits=3)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    c = torch.randn(2, 5, 8)
+    kv_hat = wrapped(x)
+    assert not torch.allclose(kv_hat, linear(x))  # rounded ...
+    (kv_hat * c).sum().backward()
+    (linear(x_ref) * c).sum().backward()  # ... with the gradient of the identity (STE)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(wrapped.projection.weight.grad, linear.weight.grad)
+
+
+def _on_token_grid(x: torch.Tensor, bits: int) -> bool:
+    """Every row of ``x [..., features]`` is an integer multiple of its own symmetric step absmax / qmax."""
+    step = x.abs().amax(dim=-1, keepdim=True) / (2 ** (bits - 1) - 1)
+    codes = x / step
+    return bool(torch.allclose(codes, codes.round(), atol=1e-3))
+
+
+def test_the_attention_sees_keys_and_values_on_the_grid(tiny_llama):
+    """Values reach the attention on LLM-QAT's grid (per token, over all key-value heads); keys are on
+    it before the rotary embedding (k_proj's output), as in LLM-QAT, not after."""
+    bits, blocks = 3, _blocks(n=2, length=24)
+    student = qat.prepare_qat(tiny_llama, _grid(4), kv_bits=bits)
+    seen, projected = {}, {}
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def record(module, query, key, value, attention_mask, **kwargs):
+        seen.setdefault("key", key.detach())  # [b, kv_heads, t, d], layer 0
+        seen.setdefault("value", value.detach())
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    k_proj = anatomy.decoder_layers(student)[0].self_attn.k_proj
+    assert isinstance(k_proj, qat.QuantizedKVProjection) and isinstance(k_proj.projection, qat.FakeQuantLinear)
+    k_proj.register_forward_hook(lambda m, args, out: projected.setdefault("key", out.detach()))
+    with torch.no_grad(), models.attention_implementation(student, "record_kv", record):
+        student(blocks)
+    b, h, t, d = seen["value"].shape
+    as_cached = lambda x: x.transpose(1, 2).reshape(b, t, h * d)  # noqa: E731  [b, t, kv_heads * d], one row per token
+    assert _on_token_grid(as_cached(seen["value"]), bits)
+    assert _on_token_grid(projected["key"], bits)
+    assert not _on_token_grid(as_cached(seen["key"]), bits)  # the rotary embedding moves keys off the grid
+    with torch.no_grad():  # the plain projection's output is not on the grid
+        assert not _on_token_grid(k_proj.projection(torch.randn(2, 5, k_proj.projection.in_features)), bits)
+
+
+def test_kv_quantization_trains_and_survives_conversion(tiny_llama):
+    teacher = copy.deepcopy(tiny_llama)
+    student = qat.prepare_qat(tiny_llama, _grid(2), kv_bits=3)
+    blocks = _blocks(length=24)
+    log = _distill(student, teacher, blocks, steps=30, lr=3e-3)
+    assert log.losses[-1] < 0.7 * log.losses[0]
+    with torch.no_grad():
+        trained = student(blocks).logits
+        for pack in (False, True):
+            converted = qat.convert_qat(copy.deepcopy(student), pack=pack)
+            assert all(isinstance(layer.self_attn.v_proj, qat.QuantizedKVProjection)
+                       for layer in anatomy.decoder_layers(converted))
+            torch.testing.assert_close(converted(blocks).logits, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_bits_validation_names_the_parameter_and_changes_nothing(tiny_llama):
+    names = [n for n, _ in tiny_llama.named_modules()]
+    for bad in (1, 9, 4.0, True):
+        with pytest.raises(ValueError, match="kv_bits must be an int in \\[2, 8\\]"):
+            qat.prepare_qat(tiny_llama, _grid(4), kv_bits=bad)
+    with pytest.raises(ValueError, match="kv_bits must be an int"):
+        qat.quantize_kv_projections(tiny_llama, None)
+    assert [n for n, _ in tiny_llama.named_modules()] == names
+    qat.quantize_kv_projections(tiny_llama, 4)
+    names = [n for n, _ in tiny_llama.named_modules()]
+    with pytest.raises(ValueError, match="kv_bits: decoder layer 0 already quantizes the output of self_attn.k_proj"):
+        qat.prepare_qat(tiny_llama, _grid(4), kv_bits=4)
+    assert [n for n, _ in tiny_llama.named_modules()] == names  # no FakeQuantLinear swapped in either
+    mlp_only = nn.Module()
+    mlp_only.model = nn.Module()
+    mlp_only.model.layers = nn.ModuleList([nn.Sequential(nn.Linear(4, 4))])
+    with pytest.raises(ValueError, match="kv_bits: decoder layer 0 has no self_attn.k_proj"):
+        qat.prepare_qat(mlp_only, _grid(2, 4), kv_bits=4)
+    assert isinstance(mlp_only.model.layers[0][0], nn.Linear)
 
 
 def test_validation_leaves_the_model_untouched(tiny_llama):

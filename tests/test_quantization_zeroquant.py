@@ -1,6 +1,6 @@
 """refimpl.quantization.zeroquant: the scheme is group-wise weights + dynamic per-token activations
-(a configuration of quantize_model_w8a8), groups beat per-row scales at 4 bits, and layer-by-layer
-distillation lowers each layer's error while keeping the weights on the grid; validation."""
+(a configuration of quantize_model_w8a8), groups beat per-row scales at 4 bits; validation. (Its
+layer-by-layer distillation: tests/test_quantization_lkd.py.)"""
 
 from __future__ import annotations
 
@@ -67,35 +67,3 @@ def test_zeroquant_validation(tiny_llama):
     with pytest.raises(ValueError, match="act_grid must have a granularity in \\['token'\\], got 'tensor'"):
         zeroquant.quantize_model_zeroquant(tiny_llama, act_grid=uniform.Grid(8, per="tensor"))
     assert not any(isinstance(m, ActivationQuantizedLinear) for m in tiny_llama.modules())
-
-
-def test_layerwise_distillation_lowers_each_layers_error(tiny_llama):
-    with torch.no_grad():
-        reference = tiny_llama(BLOCKS).logits
-    teacher = {n: p.clone() for n, p in tiny_llama.named_parameters()}
-    student = zeroquant.quantize_model_zeroquant(copy.deepcopy(tiny_llama), uniform.Grid(4, group_size=32))
-    rtn_weights = {n: m.weight.clone() for n, m in student.named_modules() if isinstance(m, ActivationQuantizedLinear)}
-    error_before = _relative_error(student, reference)
-    losses = zeroquant.layerwise_distill(tiny_llama, student, BLOCKS, steps=30, lr=1e-4, batch_size=2)
-    assert len(losses) == 2 and all(after < 0.7 * before for before, after in losses)
-    assert _relative_error(student, reference) < 0.8 * error_before
-    for name, layer in student.named_modules():
-        if isinstance(layer, ActivationQuantizedLinear):
-            assert type(layer.weight) is nn.Parameter and not layer.weight.requires_grad  # parametrization removed
-            assert not torch.equal(layer.weight, rtn_weights[name])  # trained ...
-            torch.testing.assert_close(layer.quantize_weight(layer.weight), layer.weight, rtol=1e-6, atol=1e-8)  # ... on the grid
-    assert all(p.grad is None for p in student.parameters())
-    assert all(torch.equal(p, teacher[n]) for n, p in tiny_llama.named_parameters())  # the teacher is untouched
-
-
-def test_layerwise_distill_validates(tiny_llama):
-    student = zeroquant.quantize_model_zeroquant(copy.deepcopy(tiny_llama))
-    with pytest.raises(ValueError, match="steps"):
-        zeroquant.layerwise_distill(tiny_llama, student, BLOCKS, steps=0)
-    with pytest.raises(ValueError, match="lr"):
-        zeroquant.layerwise_distill(tiny_llama, student, BLOCKS, lr=0.0)
-    from tiny import make_tiny_llama
-
-    other = make_tiny_llama(hidden_size=32, intermediate_size=64)
-    with pytest.raises(TypeError, match="quantized copy"):
-        zeroquant.layerwise_distill(other, student, BLOCKS)

@@ -239,6 +239,8 @@ NOT_A_ROW: dict[str, str] = {
     "number-formats": "the format rows: nf4 and the integer rows",
     "fp8": "refimpl has no model-level FP8 storage; chapter 02 measures its rounding error on one layer",
     "kbit-scaling-laws": "an analysis over rows (perplexity against bytes), not a method",
+    "zeroquant-lkd": "chapter 04 measures it at the chapter's 3-bit grid against RTN and QAT; not part of "
+                     "this table yet",
     "qlora": "fine-tuning a quantized model, not compression: its stored model is the nf4 row "
              "(chapter 04 measures the fine-tune)",
     "minillm": "the kd-student trained with reverse KL; chapter 06 compares the objectives (not cached)",

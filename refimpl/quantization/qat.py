@@ -22,8 +22,23 @@ layer; here, with one scale per group or channel, the weights sharing the scale)
 Adam normalises each parameter's update, which cancels a constant gradient scale except through its
 :math:`\epsilon`. Here the step sizes start from the RTN grid (so step 0 computes exactly what RTN does)
 and zero-points stay fixed.
-Inputs can be fake-quantized too (``a_bits``, per token, dynamic), and so can the KV cache: inside
-:func:`refimpl.quantization.kv_cache.kv_quantization` gradients pass straight through its rounding.
+Inputs can be fake-quantized too (``a_bits``, per token, dynamic), and so can the KV cache.
+
+**LLM-QAT's KV cache** (§2.3): the keys and values a layer caches are rounded in every training
+forward pass, so that the model learns to attend to a quantized cache. With ``kv_bits`` (or
+:func:`quantize_kv_projections` on any model) the outputs of ``k_proj`` and ``v_proj`` are
+fake-quantized per token, symmetric MinMax with a dynamic range, the rounding passed straight through:
+
+.. math:: \hat K_{t,:} = Q_b(X_t W_K^\top),\quad \hat V_{t,:} = Q_b(X_t W_V^\top),\quad
+          \frac{\partial L}{\partial K} := \frac{\partial L}{\partial \hat K},
+
+one scale per token over all key-value heads of the layer, as in the authors' released code (which
+rounds ``k_proj``'s and ``v_proj``'s outputs the same way). Keys are therefore quantized *before* the
+rotary embedding: a cache that stores them must apply RoPE when it reads them (as KVQuant's pre-RoPE
+keys do), while a plain cache of rotated keys (:mod:`refimpl.quantization.kv_cache`, quantized after
+RoPE, keys per channel as KIVI does) holds other values. The post-training quantizer of
+:func:`refimpl.quantization.kv_cache.kv_quantization` passes gradients straight through as well, so
+training inside it is QAT of that scheme instead.
 
 :func:`prepare_qat` swaps :class:`FakeQuantLinear` in for the linear layers, :func:`convert_qat`
 swaps the trained result back to plain (or packed) layers. **LLM-QAT** (Liu et al. 2023, "LLM-QAT:
@@ -49,6 +64,8 @@ from refimpl.quantization import packed, uniform
 from refimpl.quantization.activation import ActivationQuantizedLinear, straight_through
 
 GRANULARITIES = ("channel", "group")
+#: The projections whose outputs a layer caches, by name within a decoder layer (Llama-style models).
+KV_PROJECTIONS = ("self_attn.k_proj", "self_attn.v_proj")
 
 #: The book's budget for QAT by distillation (chapter 04 and the effects table's ``llm-qat-w3g64`` row):
 #: 7 AdamW steps at a learning rate of 3e-4 after one warm-up step, on batches of 2 sequences of 128 tokens.
@@ -144,17 +161,80 @@ class FakeQuantLinear(nn.Module):
                 f"learnable_scale={self.scale is not None}, a_bits={self.a_bits}")
 
 
+def kv_grid(bits: int) -> uniform.Grid:
+    """LLM-QAT's grid of the KV cache: ``bits`` bits, symmetric, one scale per token (dynamic)."""
+    return uniform.Grid(bits, symmetric=True, per="token")
+
+
+class QuantizedKVProjection(nn.Module):
+    """``projection`` (``k_proj`` or ``v_proj``: any module, float, fake-quantized or packed) whose output,
+    the keys or values of every token ``[..., kv_heads * head_dim]``, is fake-quantized on
+    :func:`kv_grid` with the straight-through estimator (module docstring)."""
+
+    def __init__(self, projection: nn.Module, bits: int):
+        super().__init__()
+        if not isinstance(projection, nn.Module) or not isinstance(getattr(projection, "in_features", None), int):
+            raise TypeError(f"projection must be a linear layer (a module with in_features), got {type(projection).__name__}")
+        uniform.check_bits(bits)
+        self.projection, self.bits, self.in_features = projection, bits, projection.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_linear_input("x", x, self.in_features)
+        kv = self.projection(x)  # [batch, seq, kv_heads * head_dim]
+        return straight_through(kv, uniform.fake_quantize(kv.detach(), kv_grid(self.bits)))
+
+    def extra_repr(self) -> str:
+        return f"kv=int{self.bits} per token, symmetric"
+
+
+def _kv_projections(model: nn.Module, kv_bits: int | None) -> dict[str, nn.Module]:
+    """``k_proj`` and ``v_proj`` of every decoder layer by full name, after checking ``kv_bits``; raises
+    ``ValueError`` naming ``kv_bits`` when bits are outside [2, 8] or a layer lacks a projection or
+    already quantizes its output."""
+    if not isinstance(kv_bits, int) or isinstance(kv_bits, bool) or not uniform.MIN_BITS <= kv_bits <= uniform.MAX_BITS:
+        raise ValueError(f"kv_bits must be an int in [{uniform.MIN_BITS}, {uniform.MAX_BITS}], got {kv_bits!r}")
+    projections = {}
+    for index, layer in enumerate(anatomy.decoder_layers(model)):
+        modules = dict(layer.named_modules())
+        for name in KV_PROJECTIONS:
+            projection = modules.get(name)
+            if projection is None or isinstance(projection, QuantizedKVProjection):
+                state = "has no" if projection is None else "already quantizes the output of"
+                raise ValueError(f"kv_bits: decoder layer {index} {state} {name} "
+                                 f"(the projections of the KV cache: {KV_PROJECTIONS})")
+            projections[anatomy.layer_name(index, name)] = projection
+    return projections
+
+
 @restores_on_error("model")
-def prepare_qat(model: nn.Module, grid: uniform.Grid, learnable_scale: bool = False, a_bits: int | None = None,
-                skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
-    """Replace every linear layer of ``model`` (except ``skip``) by a :class:`FakeQuantLinear` on ``grid``
-    (per channel or group), in place; all replacements are built before the first is swapped in, and any
-    error leaves the model as it was (a copy of its tensors is held during the call). The other parameters (embeddings, norms) keep their
-    ``requires_grad``; freeze them to train only the quantized layers.
+def quantize_kv_projections(model: nn.Module, kv_bits: int) -> nn.Module:
+    """Wrap ``k_proj`` and ``v_proj`` of every decoder layer of ``model`` in a :class:`QuantizedKVProjection`,
+    in place: LLM-QAT's quantized KV cache, trainable (what :func:`prepare_qat` does with ``kv_bits``)
+    or applied to a trained model. Raises ``ValueError`` naming ``kv_bits`` for bits outside [2, 8] and
+    for a model whose layers lack the projections or already quantize them, before changing anything.
 
     Returns:
         ``model``.
     """
+    projections = _kv_projections(model, kv_bits)
+    return anatomy.swap_linears(model, {name: QuantizedKVProjection(p, kv_bits) for name, p in projections.items()})
+
+
+@restores_on_error("model")
+def prepare_qat(model: nn.Module, grid: uniform.Grid, learnable_scale: bool = False, a_bits: int | None = None,
+                skip: tuple[str, ...] = ("lm_head",), kv_bits: int | None = None) -> nn.Module:
+    """Replace every linear layer of ``model`` (except ``skip``) by a :class:`FakeQuantLinear` on ``grid``
+    (per channel or group), in place; with ``kv_bits``, also round the keys and values the attention
+    caches (:func:`quantize_kv_projections`, LLM-QAT §2.3). All replacements are built before the first
+    is swapped in, and any error leaves the model as it was (a copy of its tensors is held during the
+    call). The other parameters (embeddings, norms) keep their ``requires_grad``; freeze them to train
+    only the quantized layers. :func:`convert_qat` keeps the KV quantization.
+
+    Returns:
+        ``model``.
+    """
+    if kv_bits is not None:
+        _kv_projections(model, kv_bits)  # checked before anything changes
     linears = anatomy.compressed_linears(model, skip)
     replacements = {}
     for name, linear in linears.items():
@@ -162,7 +242,8 @@ def prepare_qat(model: nn.Module, grid: uniform.Grid, learnable_scale: bool = Fa
             replacements[name] = FakeQuantLinear(linear, grid, learnable_scale, a_bits)
         except ValueError as exc:
             raise ValueError(f"layer {name}: {exc}") from None
-    return anatomy.swap_linears(model, replacements)
+    anatomy.swap_linears(model, replacements)
+    return model if kv_bits is None else quantize_kv_projections(model, kv_bits)
 
 
 @torch.no_grad()
