@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -47,3 +48,30 @@ def smollm2():
     from refimpl.models import load_model
 
     return load_model("smollm2-135m")
+
+
+# Headless Chromium driven by Playwright, for the book's pages (tests/test_book.py) and the Lab
+# (tests/test_lab.py). Skipped where Playwright or Chromium is missing, unless REFIMPL_REQUIRE_BROWSER
+# is set, as CI does after installing Chromium (.ci/run).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _chromium() -> str | None:
+    return os.environ.get("REFIMPL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    required = bool(os.environ.get("REFIMPL_REQUIRE_BROWSER"))
+    try:
+        from playwright import sync_api
+    except ImportError:
+        (pytest.fail if required else pytest.skip)("playwright is not installed")
+    executable = _chromium()
+    if executable is None:
+        (pytest.fail if required else pytest.skip)("no Chromium found (install it, or set REFIMPL_CHROMIUM to its path)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

@@ -229,33 +229,7 @@ def test_exercises_are_numbered_within_their_chapter(html):
 
 # --- in a browser -------------------------------------------------------------------------------
 # Headless Chromium driven by Playwright, at a phone's width (390 px) and a laptop's (1366 px), on
-# the built pages opened from the file system. Skipped where Playwright or Chromium is missing, unless
-# REFIMPL_REQUIRE_BROWSER is set, as CI does after installing Chromium (.ci/run).
-
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-def _chromium() -> str | None:
-    import shutil
-
-    return os.environ.get("REFIMPL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    required = bool(os.environ.get("REFIMPL_REQUIRE_BROWSER"))
-    try:
-        from playwright import sync_api
-    except ImportError:
-        (pytest.fail if required else pytest.skip)("playwright is not installed")
-    executable = _chromium()
-    if executable is None:
-        (pytest.fail if required else pytest.skip)("no Chromium found (install it, or set REFIMPL_CHROMIUM to its path)")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+# the built pages opened from the file system (the `browser` fixture is in tests/conftest.py).
 
 
 def _open(browser, url: str, width: int):

@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from tiny import make_tiny_llama
+from tiny import make_decoding_llama, random_prompt
 
 from refimpl.attention.decoder import Decoder
 from refimpl.attention.kv_cache import KVCache
@@ -33,19 +33,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @functools.lru_cache(maxsize=None)
 def _tiny(seed=0):
-    """A 4-layer tiny Llama whose greedy output does not collapse onto one token, with random RMSNorm
-    gains (so that a mixed-up norm would show); shared, never modified."""
-    model = make_tiny_llama(seed, initializer_range=0.5, num_hidden_layers=N_LAYERS)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=generator))
-    return model
+    """Shared, never modified."""
+    return make_decoding_llama(seed, N_LAYERS)
 
 
-def _ids(length, seed=0):
-    return torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(seed))
+_ids = random_prompt
 
 
 def _state(model):

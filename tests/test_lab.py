@@ -41,28 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHAPTER = "06_knowledge_distillation"  # labels, {ref}, {cite}, math, five exercises with solutions
 SHOTS = os.environ.get("REFIMPL_LAB_SCREENSHOTS")  # a folder to save screenshots into, if set
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-def _chromium() -> str | None:
-    return os.environ.get("REFIMPL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    required = bool(os.environ.get("REFIMPL_REQUIRE_BROWSER"))
-    try:
-        from playwright import sync_api
-    except ImportError:
-        (pytest.fail if required else pytest.skip)("playwright is not installed")
-    executable = _chromium()
-    if executable is None:
-        (pytest.fail if required else pytest.skip)("no Chromium found (install it, or set REFIMPL_CHROMIUM to its path)")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+# the `browser` fixture (headless Chromium through Playwright) is in tests/conftest.py
 
 
 def _git(repo: Path, *args: str) -> str:

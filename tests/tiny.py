@@ -40,3 +40,21 @@ def save_tiny_model_folder(path, seed: int = 0):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model, tokenizer
+
+
+def make_decoding_llama(seed: int = 0, num_hidden_layers: int = 4):
+    """A tiny Llama whose greedy output does not collapse onto one token (wide initialisation), with
+    random RMSNorm gains: initialised to ones, every norm would be the same function and a mixed-up
+    norm would go unseen. For the decoding tests (early exit, layer skipping)."""
+    model = make_tiny_llama(seed, initializer_range=0.5, num_hidden_layers=num_hidden_layers)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def random_prompt(length: int, seed: int = 0) -> torch.Tensor:
+    """``LongTensor[1, length]`` of random ids of the tiny vocabulary (128)."""
+    return torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(seed))
