@@ -265,6 +265,8 @@ NOT_A_ROW: dict[str, str] = {
     "speculative-decoding": "a decoding algorithm with the target's own output: its effect is speed alone, "
                             "measured in chapter 08; not part of this table yet",
     "self-speculative-decoding": "as speculative-decoding",
+    "calm": "a decoding rule that changes the output per token with its threshold: its quality and layers "
+            "per token are measured in chapter 08 on generated text, which this table's perplexity does not see",
 }
 
 ROW_IDS = tuple(row.id for row in ROWS)
