@@ -219,3 +219,30 @@ def token_blocks(tokenizer: Callable[..., dict], text: str, seq_len: int, n_bloc
             f"{n_blocks} * {seq_len} = {needed}; ask for fewer or shorter blocks"
         )
     return torch.tensor(ids[:needed], dtype=torch.long).view(n_blocks, seq_len)  # [n_blocks, seq_len]
+
+
+def spread_blocks(tokenizer: Callable[..., dict], text: str, seq_len: int, n_blocks: int) -> torch.Tensor:
+    """Cut ``n_blocks`` non-overlapping blocks of ``seq_len`` tokens spread evenly over the whole ``text``.
+
+    The text is tokenized whole (without special tokens) into :math:`N` tokens and block :math:`i` starts
+    at token :math:`i \\lfloor N / n \\rfloor`. Unlike :func:`token_blocks`, whose consecutive blocks come
+    from the first few documents, these sample the whole corpus split, and blocks far apart are close to
+    independent, which the block bootstrap of :func:`refimpl.evaluate.paired_ratio` assumes.
+
+    Returns:
+        ``LongTensor[n_blocks, seq_len]``; block 0 is the first ``seq_len`` tokens of the text, as in
+        :func:`token_blocks`.
+    """
+    if not callable(tokenizer):
+        raise TypeError(f"tokenizer must be a callable tokenizer, got {type(tokenizer).__name__}")
+    check_positive_int("seq_len", seq_len)
+    check_positive_int("n_blocks", n_blocks)
+    if not isinstance(text, str) or not text:
+        raise ValueError("text must be a non-empty str")
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)  # [N]
+    stride = len(ids) // n_blocks
+    if stride < seq_len:
+        raise ValueError(f"the text holds {len(ids)} tokens, fewer than n_blocks * seq_len = "
+                         f"{n_blocks} * {seq_len} = {n_blocks * seq_len}; ask for fewer or shorter blocks")
+    starts = torch.arange(n_blocks) * stride  # [n_blocks]
+    return ids[starts[:, None] + torch.arange(seq_len)]  # [n_blocks, seq_len]

@@ -142,3 +142,29 @@ def test_token_blocks_rejects_a_non_tokenizer():
 def test_load_text_rejects_unhashable_names():
     with pytest.raises(ValueError, match="name must be one of"):
         data.load_text(["shakespeare"])
+
+
+def test_spread_blocks_sample_the_whole_text_evenly(char_tokenizer):
+    text = "".join(chr(32 + i % 90) for i in range(1000))
+    ids = char_tokenizer(text)["input_ids"]
+    blocks = data.spread_blocks(char_tokenizer, text, seq_len=16, n_blocks=5)
+    assert blocks.shape == (5, 16) and blocks.dtype == torch.long
+    for i, block in enumerate(blocks.tolist()):
+        assert block == ids[200 * i: 200 * i + 16]  # stride 1000 // 5
+    assert torch.equal(blocks[0], data.token_blocks(char_tokenizer, text, 16, 1)[0])
+
+
+def test_spread_blocks_may_fill_the_text_and_no_more(char_tokenizer):
+    assert data.spread_blocks(char_tokenizer, "abcdefgh", 4, 2).flatten().tolist() == char_tokenizer("abcdefgh")["input_ids"]
+    with pytest.raises(ValueError, match=r"holds 8 tokens, fewer than n_blocks \* seq_len"):
+        data.spread_blocks(char_tokenizer, "abcdefgh", seq_len=3, n_blocks=3)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(seq_len=0), ValueError, "seq_len"), (dict(n_blocks=2.0), ValueError, "n_blocks"),
+    (dict(text=""), ValueError, "text"), (dict(tokenizer="no"), TypeError, "tokenizer")])
+def test_spread_blocks_validates(char_tokenizer, kwargs, error, match):
+    args = dict(tokenizer=char_tokenizer, text="abcdefgh", seq_len=2, n_blocks=2)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        data.spread_blocks(**args)

@@ -3,15 +3,18 @@ r"""The effects table: every method of the book applied to one model and measure
 Run ``python -m refimpl effects --model smollm2-135m --out results/effects`` (``--methods a,b,...``
 for some rows, ``--device cuda``, ``--train`` to train what is not cached, ``--list`` for the rows,
 ``--check TABLE.csv`` to recompute a sample of a written table). Each row of the registry applies one
-method — or a combination — at the settings its chapter recommends to a fresh copy of the same model,
-by calling the chapter's ``refimpl`` functions, and measures:
+method — or a combination — at its chapter's settings, run as its paper runs it (calibration layer by
+layer where the paper does so, on more text than a chapter can afford), to a fresh copy of the same
+model, by calling the chapter's ``refimpl`` functions, and measures:
 
 - **weight bytes** actually stored (:func:`refimpl.evaluate.model_bytes` of the model the row evaluates:
   real packed codes and scales where refimpl has a packed format; :func:`refimpl.quantization.packed.packed_size`
   of the weight grid where the row evaluates a simulated model — the W8A8 rows);
-- **perplexity** on both corpora (:data:`refimpl.data.CORPORA`) on the blocks the chapters use: the first 2
-  of the 8 standard 256-token evaluation blocks of each corpus;
-- **KV-cache bytes per token** of one 256-token block (packed where the row quantizes the cache), and the
+- **perplexity** on both corpora (:data:`refimpl.data.CORPORA`): 16 blocks of 512 tokens spread over each
+  evaluation split (:func:`refimpl.data.spread_blocks`), with its 95 % block-bootstrap interval, and the
+  **ratio to the dense model** on the same blocks with its paired interval
+  (:func:`refimpl.evaluate.paired_ratio`): two rows are ranked only where the intervals say so;
+- **KV-cache bytes per token** of one 512-token block (packed where the row quantizes the cache), and the
   measured fraction of zero weights in the decoder layers;
 - **prefill and decode throughput** on this machine (chapter 05's protocol: prefill of 64 tokens, 8 greedy
   tokens after a 32-token prompt, here in 3 rounds), each timed in alternation with the dense model

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from refimpl import calibration, data, runtime
+from refimpl import calibration, data, evaluate, runtime
 from refimpl.effects.protocol import DEFAULT_PROTOCOL, Protocol
 
 
@@ -100,10 +100,16 @@ class Context:
     # Token blocks.
     @functools.cached_property
     def eval_blocks(self) -> dict[str, torch.Tensor]:
-        """The first ``eval_use`` standard evaluation blocks of each corpus."""
+        """``eval_n_blocks`` blocks of ``eval_seq_len`` tokens spread over each corpus's evaluation split."""
         p = self.protocol
-        return {name: data.token_blocks(self.tokenizer, data.load_text(name, "evaluation"), p.eval_seq_len,
-                                        p.eval_n_blocks)[:p.eval_use] for name in data.CORPORA}
+        return {name: data.spread_blocks(self.tokenizer, data.load_text(name, "evaluation"), p.eval_seq_len,
+                                         p.eval_n_blocks) for name in data.CORPORA}
+
+    @functools.cached_property
+    def reference_nll(self) -> dict[str, torch.Tensor]:
+        """The unmodified model's per-block NLL on :attr:`eval_blocks`: every row's perplexity ratio is
+        paired with it (:func:`refimpl.evaluate.paired_ratio`)."""
+        return {name: evaluate.block_nll(self.base, blocks) for name, blocks in self.eval_blocks.items()}
 
     def calibration_blocks(self, seq_len: int, n_blocks: int) -> dict[str, torch.Tensor]:
         """``n_blocks`` blocks of ``seq_len`` tokens from the calibration split of each corpus."""
@@ -134,12 +140,21 @@ class Context:
             self._accounts[-1].capture_s += seconds
         return value
 
+    def calibration_tokens(self, which: str) -> torch.Tensor:
+        """The post-training quantization (``"ptq"``) or pruning (``"pruning"``) calibration blocks of both
+        corpora, ``[2 n_blocks, seq_len]``, for the methods that calibrate layer by layer on the model they
+        change (the capture is then part of the method: its time counts as the method's)."""
+        seq_len, n_blocks = self._calibration_size(which)
+        return torch.cat(list(self.calibration_blocks(seq_len, n_blocks).values()))
+
+    def _calibration_size(self, which: str) -> tuple[int, int]:
+        return {"ptq": self.protocol.ptq_calibration, "pruning": self.protocol.pruning_calibration}[which]
+
     def statistics(self, which: str, model: nn.Module | None = None) -> dict[str, calibration.InputStatistics]:
-        """Input statistics of every decoder linear layer on chapter 03's (``"ptq"``) or chapter 05's
-        (``"pruning"``) calibration blocks of both corpora, combined: of the unmodified model (shared),
+        """Input statistics of every decoder linear layer on the post-training quantization (``"ptq"``) or
+        pruning (``"pruning"``) calibration blocks of both corpora, combined: of the unmodified model (shared),
         or of ``model`` (a row's changed model, captured for that row)."""
-        seq_len, n_blocks = {"ptq": self.protocol.ptq_calibration,
-                             "pruning": self.protocol.pruning_calibration}[which]
+        seq_len, n_blocks = self._calibration_size(which)
 
         def capture(m: nn.Module) -> dict[str, calibration.InputStatistics]:
             blocks = self.calibration_blocks(seq_len, n_blocks)

@@ -97,8 +97,14 @@ def measure_row(row: "Row", ctx: Context, timing: bool = True) -> dict[str, Any]
         values.update(status="skipped", reason=str(skipped))
         return values
     model = made.model.eval()
+    reference_nll = ctx.reference_nll  # the unmodified model's, scored outside the row's measuring context
     with row.during(model):
-        values.update({f"ppl_{name}": value for name, value in evaluate.perplexities(model, ctx.eval_blocks).items()})
+        for name, blocks in ctx.eval_blocks.items():
+            nll = evaluate.block_nll(model, blocks)  # [blocks]
+            ppl, ratio = evaluate.perplexity_interval(nll), evaluate.paired_ratio(nll, reference_nll[name])
+            values.update({f"ppl_{name}": ppl.estimate, f"ppl_{name}_low": ppl.low, f"ppl_{name}_high": ppl.high,
+                           f"ratio_{name}": ratio.estimate, f"ratio_{name}_low": ratio.low,
+                           f"ratio_{name}_high": ratio.high})
         if timing:
             values.update(_speed(model, ctx))
     weight_bytes = made.stored_bytes if made.stored_bytes is not None else evaluate.model_bytes(model)

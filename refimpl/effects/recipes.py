@@ -50,18 +50,13 @@ def nf4(model: nn.Module, ctx: Context) -> Applied:
     return Applied(packed.pack_model_code_book(model, formats.NF4_CODE, GROUP, double_quant=True))
 
 
-def sink_weight(ctx: Context) -> float:
-    """Chapter 03's attention-sink weighting: the first token of a calibration block weighted by the
-    number of queries that read it, the block length."""
-    return float(ctx.protocol.ptq_calibration[0])
-
-
-def gptq_w4(model: nn.Module, ctx: Context, on_base: bool = True) -> Applied:
-    """GPTQ 4-bit in groups of 64, sink weighted (chapter 03), packed; calibrated on the unmodified
-    model's statistics (``on_base``) or on ``model``'s own (a combination's second step)."""
-    stats = ctx.statistics("ptq", None if on_base else model)
-    return Applied(gptq.quantize_model_gptq(model, None, uniform.Grid(4, symmetric=False, group_size=GROUP),
-                                            statistics=stats, first_token_weight=sink_weight(ctx), pack=True))
+def gptq_w4(model: nn.Module, ctx: Context) -> Applied:
+    """GPTQ 4-bit in groups of 64 as the paper runs it, packed: act-order, each layer calibrated on the
+    outputs of the already quantized layers before it (on ``model``: the unmodified one, or a
+    combination's first step)."""
+    return Applied(gptq.quantize_model_gptq(model, ctx.calibration_tokens("ptq"),
+                                            uniform.Grid(4, symmetric=False, group_size=GROUP), act_order=True,
+                                            pack=True))
 
 
 def awq_w4(model: nn.Module, ctx: Context) -> Applied:
@@ -105,11 +100,13 @@ def magnitude_(model: nn.Module, ctx: Context, nm: tuple[int, int] | None) -> Ap
 
 
 def wanda_(model: nn.Module, ctx: Context, nm: tuple[int, int] | None) -> Applied:
-    return Applied(wanda.prune_model_wanda(model, None, SPARSITY, nm=nm, statistics=ctx.statistics("pruning")))
+    """Wanda as its paper's code runs it: each layer on the outputs of the already pruned layers."""
+    return Applied(wanda.prune_model_wanda(model, ctx.calibration_tokens("pruning"), SPARSITY, nm=nm))
 
 
 def sparsegpt_(model: nn.Module, ctx: Context, nm: tuple[int, int] | None) -> Applied:
-    return Applied(sparsegpt.prune_model_sparsegpt(model, None, SPARSITY, nm=nm, statistics=ctx.statistics("pruning")))
+    """SparseGPT as its paper runs it: each layer on the outputs of the already pruned layers."""
+    return Applied(sparsegpt.prune_model_sparsegpt(model, ctx.calibration_tokens("pruning"), SPARSITY, nm=nm))
 
 
 def mlp_channels(model: nn.Module, ctx: Context, recover: bool) -> Applied:
@@ -189,6 +186,6 @@ def gptq_w4_keeping_zeros(model: nn.Module, ctx: Context) -> Applied:
     """GPTQ 4-bit calibrated on a pruned model; the pruned weights stay zero (GPTQ's updates would
     otherwise fill them)."""
     keep = {name: linear.weight != 0 for name, linear in anatomy.compressed_linears(model).items()}
-    quantized = gptq_w4(model, ctx, on_base=False).model
+    quantized = gptq_w4(model, ctx).model
     _restore_zeros(quantized, keep)
     return Applied(quantized)

@@ -80,7 +80,9 @@ def _tokens(seq_len_blocks: tuple[int, int]) -> str:
 _p = functools.partial
 _G = recipes.GROUP
 _PTQ = _tokens(DEFAULT_PROTOCOL.ptq_calibration) + " (statistics of the float model)"
-_PRUNING = _tokens(DEFAULT_PROTOCOL.pruning_calibration) + " (statistics of the dense model)"
+_LAYER_BY_LAYER = " (layer by layer, each on the outputs of the already {} layers)"
+_GPTQ = _tokens(DEFAULT_PROTOCOL.ptq_calibration) + _LAYER_BY_LAYER.format("quantized")
+_PRUNING = _tokens(DEFAULT_PROTOCOL.pruning_calibration) + _LAYER_BY_LAYER.format("pruned")
 _IMPORTANCE = f"2×{DEFAULT_PROTOCOL.importance_tokens} tokens (importance scores)"
 _UPTRAINING = f"{gqa.UPTRAINING.steps} steps × 2×128 calibration tokens"  # gqa.uptraining_recipe
 _RECOVERY = (f"{recipes.RECOVERY.steps} steps × 2×{recipes.RECOVERY_SEQ_LEN} calibration tokens (LoRA, rank "
@@ -136,9 +138,8 @@ ROWS: tuple[Row, ...] = (
         evaluated="packed NF4 codes + 8-bit absmax (CodeBookLinear), dequantized on every call",
         kernel="NF4 dequantizing GEMM (bitsandbytes)"),
     Row(id=f"gptq-w4g{_G}", methods=("gptq",), family="quantization", chapter="03",
-        settings=f"4-bit asymmetric, groups of {_G}; first token of each calibration block weighted by the block "
-                 f"length, {DEFAULT_PROTOCOL.ptq_calibration[0]} (attention sink), damp 0.01, blocks of 128 columns",
-        apply=recipes.gptq_w4, evaluated=_PACKED4, kernel=_INT4, calibration=_PTQ),
+        settings=f"4-bit asymmetric, groups of {_G}; act-order (static groups), damp 0.01, blocks of 128 columns",
+        apply=recipes.gptq_w4, evaluated=_PACKED4, kernel=_INT4, calibration=_GPTQ),
     Row(id=f"awq-w4g{_G}", methods=("awq",), family="quantization", chapter="03",
         settings=f"4-bit asymmetric, groups of {_G}; per-channel scales searched over 10 exponents, no clipping",
         apply=recipes.awq_w4, evaluated=_PACKED4 + ", input scales", kernel=_INT4, calibration=_PTQ),
@@ -211,17 +212,17 @@ ROWS: tuple[Row, ...] = (
                  "zero (zero is on every grid)",
         apply=recipes.gptq_w4_keeping_zeros, evaluated=_PACKED4 + "; half of them zero",
         kernel="sparse int4 GEMM (none common)",
-        calibration=_PRUNING + "; then " + _PTQ.replace("float model", "pruned model")),
+        calibration=_PRUNING + "; then " + _GPTQ),
     Row(id=f"llm-pruner-mlp-lora+gptq-w4g{_G}", methods=("llm-pruner", "lora-recovery", "gptq"),
         family="pruning+quantization", chapter="03, 05", starts_from=LLM_PRUNER_LORA,
         settings=f"llm-pruner-mlp-lora, then gptq-w4g{_G} calibrated on the pruned model",
-        apply=_p(recipes.gptq_w4, on_base=False), evaluated=_PACKED4, kernel=_INT4,
-        calibration=_IMPORTANCE + "; then " + _PTQ.replace("float model", "pruned model"), training=_RECOVERY),
+        apply=recipes.gptq_w4, evaluated=_PACKED4, kernel=_INT4,
+        calibration=_IMPORTANCE + "; then " + _GPTQ, training=_RECOVERY),
     Row(id=f"kd-student+gptq-w4g{_G}", methods=("classic-kd", "gptq"), family="distillation+quantization",
         chapter="03, 06", starts_from=KD_STUDENT,
         settings=f"kd-student, then gptq-w4g{_G} calibrated on the student",
-        apply=_p(recipes.gptq_w4, on_base=False), evaluated=_PACKED4, kernel=_INT4,
-        calibration=_IMPORTANCE + "; then " + _PTQ.replace("float model", "student"), training=_STUDENT_TRAINING),
+        apply=recipes.gptq_w4, evaluated=_PACKED4, kernel=_INT4,
+        calibration=_IMPORTANCE + "; then " + _GPTQ, training=_STUDENT_TRAINING),
     Row(id="mqa+kv-int8", methods=("mqa", "kv-cache-quantization"), family="architecture+quantization",
         chapter="03, 07", starts_from=MQA, settings="mqa with the kv-int8 cache", apply=recipes.unchanged,
         evaluated="float32, one key-value head; keys and values fake-quantized in every attention call",
@@ -260,7 +261,7 @@ NOT_A_ROW: dict[str, str] = {
     "pagedattention": "memory management of many sequences' caches: a single sequence shows nothing "
                       "(chapter 07 simulates serving)",
     "sliding-window-attention": "a bounded cache changes only contexts longer than its window; the table's "
-                                "256-token blocks would not show it (chapter 07 measures 1,024 tokens)",
+                                "512-token blocks would not show it (chapter 07 measures 1,024 tokens)",
     "streamingllm": "as sliding-window-attention",
     "speculative-decoding": "a decoding algorithm with the target's own output: its effect is speed alone, "
                             "measured in chapter 08; not part of this table yet",

@@ -25,8 +25,14 @@ def _columns() -> list[tuple[str, type, str]]:
         ("weight_bytes", int, "bytes of the weights as stored (measured)"),
         ("weight_fraction", float, "weight_bytes / the dense model's"),
         ("zero_fraction", float, "fraction of exactly-zero weights in the decoder layers' linear layers"),
-        ("kv_bytes_per_token", float, "KV-cache bytes per token of one 256-token block (packed if quantized)"),
-        *[(f"ppl_{name}", float, f"perplexity on the {name} evaluation blocks") for name in data.CORPORA],
+        ("kv_bytes_per_token", float, "KV-cache bytes per token of the first evaluation block (packed if quantized)"),
+        *[column for name in data.CORPORA for column in (
+            (f"ppl_{name}", float, f"perplexity on the {name} evaluation blocks"),
+            (f"ppl_{name}_low", float, "its 95 % block-bootstrap interval: low end"),
+            (f"ppl_{name}_high", float, "high end"),
+            (f"ratio_{name}", float, f"perplexity / the dense model's on the same {name} blocks"),
+            (f"ratio_{name}_low", float, "its 95 % paired block-bootstrap interval: low end"),
+            (f"ratio_{name}_high", float, "high end"))],
         ("prefill_tokens_per_s", float, "prefill throughput (64-token prompt), this machine"),
         ("decode_tokens_per_s", float, "greedy decode throughput (8 tokens after 32), this machine"),
         ("prefill_speedup", float, "dense median time / this row's, timed in alternation"),
@@ -99,6 +105,13 @@ def _cell(value: Any, fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 
 
+def _interval(record: dict[str, Any], column: str, fmt: str) -> str:
+    """``column``'s value with its interval, e.g. ``43.33 [41.20, 45.61]``."""
+    if record.get(column) is None:
+        return ""
+    return f"{record[column]:{fmt}} [{record[f'{column}_low']:{fmt}}, {record[f'{column}_high']:{fmt}}]"
+
+
 def _text(value: str) -> str:
     """A string as a Markdown table cell: its ``|`` escaped."""
     return value.replace("|", "\\|")
@@ -109,7 +122,7 @@ def markdown(records: list[dict[str, Any]], title: str = "") -> str:
     lines = [f"# {title}", ""] if title else []
     ok = [r for r in records if r["status"] == "ok"]
     corpora = [c for c in data.CORPORA]
-    head = (["row", "method", "MiB", "× dense"] + [f"ppl {c}" for c in corpora]
+    head = (["row", "method", "MiB", "× dense"] + [f"{kind} {c} [95 %]" for c in corpora for kind in ("ppl", "ratio")]
             + ["KV B/token", "zeros", "prefill tok/s", "decode tok/s", "apply s", "calibration s"])
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
     for r in ok:
@@ -117,7 +130,8 @@ def markdown(records: list[dict[str, Any]], title: str = "") -> str:
                  + (f" ({r[f'{phase}_speedup']:.2f}×)" if r.get(f"{phase}_speedup") is not None else "")
                  for phase in ("prefill", "decode")]
         cells = ([r["row"], r["method"], _cell(r["weight_bytes"] / 2**20, ".1f"), _cell(r["weight_fraction"], ".2f")]
-                 + [_cell(r.get(f"ppl_{c}"), ".2f") for c in corpora]
+                 + [_interval(r, f"{kind}_{c}", digits) for c in corpora
+                    for kind, digits in (("ppl", ".2f"), ("ratio", ".3f"))]
                  + [_cell(r["kv_bytes_per_token"], ",.0f"), _cell(r["zero_fraction"], ".1%")] + speed
                  + [_cell(r["apply_s"], ".1f"), _cell(r["calibration_s"], ".1f")])
         lines.append("| " + " | ".join(cells) + " |")
