@@ -9,7 +9,9 @@ the method cost. Chapter 09 reads it with the functions here; none of them measu
 .. math:: \bar{\mathrm{PPL}} = \exp\Big(\frac1C \sum_{c=1}^{C} \log \mathrm{PPL}_c\Big),
 
 i.e. the perplexity of the mean per-token loss with every corpus weighted equally; a method's quality
-cost is the ratio :math:`\bar{\mathrm{PPL}} / \bar{\mathrm{PPL}}_\text{dense}`.
+cost is the ratio :math:`\bar{\mathrm{PPL}} / \bar{\mathrm{PPL}}_\text{dense}`. :func:`compare` gives
+that ratio between any two rows with its 95 % interval (a paired block bootstrap over the per-block
+losses the table stores): a ranking of two rows holds only where it excludes 1.
 
 **Combinations.** If two methods damaged the model independently, their losses would add in
 log-perplexity (the per-token loss), so the combination's perplexity on corpus :math:`c` would be
@@ -30,6 +32,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
+
+import torch
 
 from refimpl import data, evaluate
 
@@ -70,6 +74,27 @@ def quality(record: Record) -> float:
 def quality_ratio(record: Record, dense: Record) -> float:
     """:func:`quality` of ``record`` over that of ``dense`` (1.0: no loss)."""
     return quality(record) / quality(dense)
+
+
+def compare(record: Record, reference: Record, confidence: float = 0.95) -> evaluate.Interval:
+    """:func:`quality_ratio` of ``record`` over ``reference`` (any two rows, e.g. two methods) with its
+    paired block-bootstrap interval, from the per-block NLLs the table stores (``block_nll_<corpus>``).
+
+    Both rows were scored on the same blocks, so the per-block differences of their NLLs are resampled
+    (:func:`refimpl.evaluate.paired_ratio`), the blocks of all corpora together: with the same number of
+    blocks per corpus, the mean over all of them is the mean over the corpora, whose exponential is the
+    quality ratio. An interval that excludes 1 orders the two rows; one that includes 1 says they are
+    indistinguishable on this evaluation."""
+    blocks = []
+    for row in (record, reference):
+        per_corpus = [row.get(f"block_nll_{corpus}") for corpus in data.CORPORA]
+        if not all(isinstance(v, tuple) and len(v) >= 2 for v in per_corpus):
+            raise ValueError(f"row {row.get('row')!r} has no per-block NLLs (block_nll_<corpus>): a table measured "
+                             f"before they were recorded")
+        if len({len(v) for v in per_corpus}) != 1:
+            raise ValueError(f"row {row.get('row')!r} has a different number of blocks per corpus")
+        blocks.append(torch.tensor([nll for values in per_corpus for nll in values], dtype=torch.float64))
+    return evaluate.paired_ratio(blocks[0], blocks[1], confidence=confidence)
 
 
 def _is_number(value: Any) -> bool:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tiny import CharTokenizer, make_tiny_llama
-from refimpl import data, reproducibility, taxonomy
+from refimpl import data, reproducibility, taxonomy, tradeoffs
 from refimpl.effects import check, cli, context, key, measure, protocol, registry, run, table
 
 TINY = protocol.Protocol(eval_seq_len=32, eval_n_blocks=4, ptq_calibration=(64, 2),
@@ -255,6 +255,10 @@ def test_measured_effects_have_the_expected_direction(full_run):
                 assert r[f"ppl_{c}_low"] <= r[f"ppl_{c}"] <= r[f"ppl_{c}_high"], r["row"]
                 assert r[f"ratio_{c}_low"] <= r[f"ratio_{c}"] <= r[f"ratio_{c}_high"], r["row"]
                 assert r[f"ratio_{c}"] == pytest.approx(r[f"ppl_{c}"] / dense[f"ppl_{c}"]), r["row"]
+    written = _by_row(table.read_table(full_run[0] / "tiny-llama.csv"))  # per-block losses survive the CSV
+    assert written["rtn-w4g64"]["block_nll_docstrings"] == by_row["rtn-w4g64"]["block_nll_docstrings"]
+    assert tradeoffs.compare(written["rtn-w4g64"], written["dense"]).estimate == pytest.approx(
+        tradeoffs.quality_ratio(written["rtn-w4g64"], written["dense"]))
 
 
 def test_combinations_run(full_run):

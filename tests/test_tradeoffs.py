@@ -117,3 +117,19 @@ def test_committed_table_reads_and_its_combinations_have_parts():
         assert all(math.isfinite(v) and v > 0 for v in c.ppl_ratio.values())
     # what chapter 09 reads from it: sparse zeros cost 4 bits like any weight once GPTQ packs them
     assert table["sparsegpt-50+gptq-w4g64"]["weight_bytes"] == table["gptq-w4g64"]["weight_bytes"]
+
+
+def test_compare_is_the_quality_ratio_with_a_paired_interval():
+    base = row("base", 1, math.exp(3.0), math.exp(4.0))
+    other = row("other", 1, math.exp(3.1), math.exp(4.1))
+    base.update(block_nll_shakespeare=(2.5, 3.5, 2.8, 3.2), block_nll_docstrings=(3.5, 4.5, 3.9, 4.1))
+    other.update(block_nll_shakespeare=(2.62, 3.58, 2.9, 3.3), block_nll_docstrings=(3.58, 4.62, 4.0, 4.2))
+    interval = tradeoffs.compare(other, base)
+    assert interval.estimate == pytest.approx(tradeoffs.quality_ratio(other, base))  # blocks of the same length
+    assert interval.excludes(1.0) and interval.low > 1  # every block is worse: the order is certain
+    assert tradeoffs.compare(base, base).estimate == 1.0
+
+
+def test_compare_needs_per_block_losses():
+    with pytest.raises(ValueError, match="per-block NLLs"):
+        tradeoffs.compare(row("a", 1, 2.0, 2.0), row("b", 1, 2.0, 2.0))

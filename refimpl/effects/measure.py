@@ -104,7 +104,7 @@ def measure_row(row: "Row", ctx: Context, timing: bool = True) -> dict[str, Any]
             ppl, ratio = evaluate.perplexity_interval(nll), evaluate.paired_ratio(nll, reference_nll[name])
             values.update({f"ppl_{name}": ppl.estimate, f"ppl_{name}_low": ppl.low, f"ppl_{name}_high": ppl.high,
                            f"ratio_{name}": ratio.estimate, f"ratio_{name}_low": ratio.low,
-                           f"ratio_{name}_high": ratio.high})
+                           f"ratio_{name}_high": ratio.high, f"block_nll_{name}": tuple(nll.tolist())})
         if timing:
             values.update(_speed(model, ctx))
     weight_bytes = made.stored_bytes if made.stored_bytes is not None else evaluate.model_bytes(model)

@@ -32,7 +32,9 @@ def _columns() -> list[tuple[str, type, str]]:
             (f"ppl_{name}_high", float, "high end"),
             (f"ratio_{name}", float, f"perplexity / the dense model's on the same {name} blocks"),
             (f"ratio_{name}_low", float, "its 95 % paired block-bootstrap interval: low end"),
-            (f"ratio_{name}_high", float, "high end"))],
+            (f"ratio_{name}_high", float, "high end"),
+            (f"block_nll_{name}", tuple, "mean NLL of each evaluation block, space-separated (paired comparisons "
+                                         "between rows: refimpl.tradeoffs.compare)"))],
         ("prefill_tokens_per_s", float, "prefill throughput (64-token prompt), this machine"),
         ("decode_tokens_per_s", float, "greedy decode throughput (8 tokens after 32), this machine"),
         ("prefill_speedup", float, "dense median time / this row's, timed in alternation"),
@@ -62,6 +64,8 @@ def _parse(name: str, text: str) -> Any:
         return None
     if kind is bool:
         return text == "true"
+    if kind is tuple:
+        return tuple(float(value) for value in text.split())
     return kind(text)
 
 
@@ -72,6 +76,8 @@ def _format(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, float):
         return repr(value)
+    if isinstance(value, tuple):
+        return " ".join(repr(float(v)) for v in value)
     return str(value)
 
 
