@@ -47,6 +47,17 @@ def test_static_range_saturates_and_dynamic_does_not():
     assert torch.allclose(dynamic.quantize_input(x)[~inside], torch.tensor([-5.0, 3.0]), atol=5.0 / 127)
 
 
+def test_a_static_range_on_the_full_symmetric_grid():
+    """narrow_range=False: the calibrated absmax is 127.5 steps, codes [-128, 127]; +absmax saturates at
+    127 steps, -absmax (a tie) rounds to -128 steps."""
+    full = uniform.Grid(8, per="tensor", narrow_range=False)
+    static = ActivationQuantizedLinear(_linear(4, 2), weight_grid=None, act_grid=full, static_absmax=2.55)
+    assert torch.equal(static.input_scale, torch.tensor([[2.55]]) / 127.5)
+    x_hat = static.quantize_input(torch.tensor([[-2.55, 2.55, -9.0, 9.0]]))
+    codes = (x_hat / static.input_scale).round().int()
+    assert codes.tolist() == [[-128, 127, -128, 127]]
+
+
 def test_per_token_isolates_token_outliers_but_not_channel_outliers():
     """The reason SmoothQuant exists: an outlier *token* only coarsens its own per-token grid, but an
     outlier *channel* is in every token, so per-token ranges are as coarse as one per-tensor range.

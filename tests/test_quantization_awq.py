@@ -93,14 +93,17 @@ def test_model_awq_shares_scales_among_layers_reading_one_input(tiny_llama):
     assert changed == {n for n in before if n.endswith("proj.weight")}
 
 
-def test_model_awq_packs_what_it_simulates():
+@pytest.mark.parametrize("grid, clip", [(_grid(3, 16), False),
+                                        (uniform.Grid(4, group_size=16, narrow_range=False), True)])
+def test_model_awq_packs_what_it_simulates(grid, clip):
+    """Also on the full symmetric range (all 2^bits codes), with clipping."""
     from tiny import make_tiny_llama
 
     blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     simulated, stored = make_tiny_llama(), make_tiny_llama()
     a, b = {}, {}
-    awq.quantize_model_awq(simulated, blocks, _grid(3, 16), alphas=a)
-    awq.quantize_model_awq(stored, blocks, _grid(3, 16), pack=True, alphas=b)
+    awq.quantize_model_awq(simulated, blocks, grid, alphas=a, clip=clip)
+    awq.quantize_model_awq(stored, blocks, grid, pack=True, alphas=b, clip=clip)
     assert a == b
     layers = [m for m in stored.modules() if isinstance(m, packed.QuantizedLinear)]
     assert len(layers) == 2 * 7 and all(m.input_scale is not None for m in layers)

@@ -21,8 +21,13 @@ def _reconstruction_error(weight, quantized, x):
     return ((x @ weight.T - x @ quantized.T) ** 2).sum().item()
 
 
-def _grid(bits, group_size=None, symmetric=False):
-    return uniform.Grid(bits, symmetric, group_size)
+def _grid(bits, group_size=None, symmetric=False, narrow_range=None):
+    return uniform.Grid(bits, symmetric, group_size, narrow_range=narrow_range)
+
+
+#: GPTQ's reference symmetric grid (quant.py, sym=True): all 2^bits codes, scale 2 absmax / (2^bits - 1)
+def _full(bits, group_size=None):
+    return _grid(bits, group_size, symmetric=True, narrow_range=False)
 
 
 def _rtn(weight, grid):
@@ -30,12 +35,13 @@ def _rtn(weight, grid):
 
 
 @pytest.mark.parametrize("group_size", [None, 16])
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_uncorrelated_inputs_give_round_to_nearest(group_size, symmetric):
+@pytest.mark.parametrize("symmetric, narrow_range", [(True, None), (True, False), (False, None)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_uncorrelated_inputs_give_round_to_nearest(group_size, symmetric, narrow_range, act_order):
     weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(1))
     identity = 2 * torch.eye(64, dtype=torch.float64)  # H of white inputs: nothing to compensate
-    grid = _grid(3, group_size, symmetric)
-    quantized = gptq.gptq_quantize(weight, identity, grid)[0]
+    grid = _grid(3, group_size, symmetric, narrow_range)
+    quantized = gptq.gptq_quantize(weight, identity, grid, act_order=act_order)[0]
     torch.testing.assert_close(quantized, _rtn(weight, grid), rtol=0, atol=1e-6)
 
 
@@ -59,9 +65,23 @@ def test_act_order_helps_when_large_inputs_come_last():
     x = _correlated_inputs()
     weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
     H = gptq.hessian(x)
-    natural = _reconstruction_error(weight, gptq.gptq_quantize(weight, H, _grid(3))[0], x)
+    natural = _reconstruction_error(weight, gptq.gptq_quantize(weight, H, _grid(3), act_order=False)[0], x)
     act_order = _reconstruction_error(weight, gptq.gptq_quantize(weight, H, _grid(3), act_order=True)[0], x)
     assert act_order < natural
+
+
+def test_act_order_is_the_default():
+    """The authors' --act-order (their LLaMA results) and AutoGPTQ's desc_act=True: on by default."""
+    import inspect
+
+    for function in (gptq.gptq_quantize, gptq.quantize_model_gptq):
+        assert inspect.signature(function).parameters["act_order"].default is True
+    x = _correlated_inputs(seed=8)
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(8))
+    H = gptq.hessian(x)
+    default = gptq.gptq_quantize(weight, H, _grid(3, 16))[0]
+    assert torch.equal(default, gptq.gptq_quantize(weight, H, _grid(3, 16), act_order=True)[0])
+    assert not torch.equal(default, gptq.gptq_quantize(weight, H, _grid(3, 16), act_order=False)[0])
 
 
 def test_block_size_does_not_change_the_result():
@@ -156,10 +176,11 @@ def test_hessian_must_match_the_weight():
 
 
 @pytest.mark.parametrize("group_size, act_order", [(None, False), (16, False), (16, True)])
-def test_the_returned_grid_holds_the_weight(group_size, act_order):
+@pytest.mark.parametrize("make_grid", [_grid, _full])
+def test_the_returned_grid_holds_the_weight(group_size, act_order, make_grid):
     x = _correlated_inputs()
     linear = torch.nn.Linear(64, 8)
-    grid = _grid(3, group_size)
+    grid = make_grid(3, group_size)
     quantized, qparams = gptq.gptq_quantize(linear.weight, gptq.hessian(x), grid, act_order=act_order)
     assert qparams.grid == grid
     with torch.no_grad():
@@ -169,10 +190,11 @@ def test_the_returned_grid_holds_the_weight(group_size, act_order):
 
 
 @pytest.mark.parametrize("group_size, reverse", [(None, False), (16, False), (16, True)])
-def test_quantize_columns_puts_every_column_on_its_groups_grid(group_size, reverse):
+@pytest.mark.parametrize("make_grid", [_grid, _full])
+def test_quantize_columns_puts_every_column_on_its_groups_grid(group_size, reverse, make_grid):
     weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(7))
     order = list(range(64))[::-1] if reverse else list(range(64))
-    params = lambda w: uniform.compute_qparams(w, _grid(3), uniform.WEIGHT_SCALE_DTYPE)  # noqa: E731
+    params = lambda w: uniform.compute_qparams(w, make_grid(3), uniform.WEIGHT_SCALE_DTYPE)  # noqa: E731
     if group_size is None:
         given = {0: params(weight)}
     elif reverse:  # the columns of a group do not come together: every group's grid is fixed beforehand
@@ -181,16 +203,19 @@ def test_quantize_columns_puts_every_column_on_its_groups_grid(group_size, rever
         given = {16: params(weight[:, 16:32])}
     fixed = dict(given)
     H = obs.dampen(gptq.hessian(_correlated_inputs(seed=7))[order][:, order], 0.01)
-    grid = _grid(3, group_size)
+    grid = make_grid(3, group_size)
     QT, qparams = gptq.quantize_columns(weight[:, order].T.contiguous(), obs.upper_cholesky_of_inverse(H), order,
                                         grid, given)
     assert given == fixed and all(qparams[g] is p for g, p in given.items())  # not modified, and kept
     assert sorted(qparams) == ([0] if group_size is None else [0, 16, 32, 48])
+    used = set()
     for i, column in enumerate(order):
         p = qparams[0 if group_size is None else column - column % group_size]
         codes = QT[i] / p.scale[:, 0] + p.zero_point[:, 0]  # [out]
         assert torch.allclose(codes, codes.round(), atol=1e-4)
         assert codes.min() >= grid.qmin - 1e-4 and codes.max() <= grid.qmax + 1e-4
+        used.update(codes.round().int().tolist())
+    assert min(used) == grid.qmin  # the full range's extra code -2^(b-1) is used, the narrow one's ends too
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -238,12 +263,13 @@ def test_layers_reading_one_input_are_quantized_as_if_alone(tiny_llama):
         torch.testing.assert_close(tiny_llama.get_submodule(name).weight, expected, rtol=0, atol=1e-6)
 
 
-def test_model_gptq_packs_what_it_simulates():
+@pytest.mark.parametrize("grid", [_grid(3, 32), _full(4, 32)])
+def test_model_gptq_packs_what_it_simulates(grid):
     from tiny import make_tiny_llama
 
     blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-    simulated = gptq.quantize_model_gptq(make_tiny_llama(), blocks, _grid(3, 32))
-    stored = gptq.quantize_model_gptq(make_tiny_llama(), blocks, _grid(3, 32), pack=True)
+    simulated = gptq.quantize_model_gptq(make_tiny_llama(), blocks, grid)
+    stored = gptq.quantize_model_gptq(make_tiny_llama(), blocks, grid, pack=True)
     assert sum(isinstance(m, packed.QuantizedLinear) for m in stored.modules()) == 2 * 7
     with torch.no_grad():
         torch.testing.assert_close(stored(blocks).logits, simulated(blocks).logits, rtol=1e-5, atol=1e-5)

@@ -47,12 +47,12 @@ def test_unpacking_validates():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("symmetric, narrow_range", [(True, None), (True, False), (False, None)])
 @pytest.mark.parametrize("setting", [dict(per="tensor"), dict(per="channel"), dict(group_size=32)])
-def test_quantized_linear_computes_with_the_simulated_weight(bits, symmetric, setting):
+def test_quantized_linear_computes_with_the_simulated_weight(bits, symmetric, narrow_range, setting):
     torch.manual_seed(bits)
     linear = torch.nn.Linear(64, 24)
-    grid = uniform.Grid(bits, symmetric, **setting)
+    grid = uniform.Grid(bits, symmetric, narrow_range=narrow_range, **setting)
     module = packed.QuantizedLinear.from_linear(linear, grid)
     qparams = uniform.compute_qparams(linear.weight, grid, scale_dtype=torch.float16)
     simulated = uniform.dequantize(uniform.quantize(linear.weight, qparams), qparams, linear.weight.shape)
@@ -61,16 +61,47 @@ def test_quantized_linear_computes_with_the_simulated_weight(bits, symmetric, se
     torch.testing.assert_close(module(x), torch.nn.functional.linear(x, simulated, linear.bias))
 
 
-@pytest.mark.parametrize("bits, symmetric, expected", [
+@pytest.mark.parametrize("bits, symmetric, narrow_range, expected", [
     # codes + float16 scales (+ uint8 zero-points) for a 64x24 weight with groups of 32, plus the bias
-    (4, False, 64 * 24 // 2 + 48 * 2 + 48 + 24 * 4),
-    (4, True, 64 * 24 // 2 + 48 * 2 + 24 * 4),
-    (3, False, 64 * 24 * 3 // 8 + 48 * 2 + 48 + 24 * 4),
-    (8, True, 64 * 24 + 48 * 2 + 24 * 4),
+    (4, False, None, 64 * 24 // 2 + 48 * 2 + 48 + 24 * 4),
+    (4, True, None, 64 * 24 // 2 + 48 * 2 + 24 * 4),
+    (4, True, False, 64 * 24 // 2 + 48 * 2 + 24 * 4),  # the full range: the same bits, no zero-point
+    (3, False, None, 64 * 24 * 3 // 8 + 48 * 2 + 48 + 24 * 4),
+    (8, True, None, 64 * 24 + 48 * 2 + 24 * 4),
 ])
-def test_quantized_linear_bytes_are_what_it_stores(bits, symmetric, expected):
-    module = packed.QuantizedLinear.from_linear(torch.nn.Linear(64, 24), uniform.Grid(bits, symmetric, group_size=32))
+def test_quantized_linear_bytes_are_what_it_stores(bits, symmetric, narrow_range, expected):
+    grid = uniform.Grid(bits, symmetric, group_size=32, narrow_range=narrow_range)
+    module = packed.QuantizedLinear.from_linear(torch.nn.Linear(64, 24), grid)
     assert model_bytes(module) == expected
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_the_full_symmetric_range_stores_all_codes(bits):
+    """A row whose absmax is negative uses code -2^(b-1), stored as 0; one whose absmax is positive
+    saturates at 2^(b-1) - 1, stored as 2^b - 1: every stored code in [0, 2^b - 1]. The narrow range
+    never stores 2^b - 1."""
+    linear = torch.nn.Linear(32, 4)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(4, 32, generator=torch.Generator().manual_seed(bits)) * 0.1)
+        linear.weight[0, 3], linear.weight[1, 5] = -1.0, 1.0  # absmax negative in row 0, positive in row 1
+    full = packed.QuantizedLinear.from_linear(linear, uniform.Grid(bits, narrow_range=False))
+    stored = packed.unpack_codes(full.packed, bits, 4 * 32).view(4, 32)
+    assert stored[0, 3] == 0 and stored[1, 5] == 2**bits - 1
+    assert full.dequantized_weight()[0, 3] == -2 ** (bits - 1) * full.scale[0].float()
+    assert full.dequantized_weight()[1, 5] == (2 ** (bits - 1) - 1) * full.scale[1].float()
+    assert "symmetric full range" in repr(full)
+    narrow = packed.QuantizedLinear.from_linear(linear, uniform.Grid(bits))
+    assert packed.unpack_codes(narrow.packed, bits, 4 * 32).max() == 2**bits - 2
+
+
+@pytest.mark.parametrize("grid", [uniform.Grid(4, narrow_range=False, group_size=32),
+                                  uniform.Grid(3, narrow_range=False)])
+def test_pack_model_on_the_full_range_computes_what_rtn_simulates(tiny_llama, grid):
+    x = torch.randint(0, 128, (1, 16))
+    simulated = uniform.quantize_model_rtn(_copy(tiny_llama), grid)
+    packed.pack_model(tiny_llama, grid)
+    with torch.no_grad():
+        assert torch.equal(tiny_llama(x).logits, simulated(x).logits)
 
 
 def test_pack_model_swaps_linears_and_shrinks_the_model(tiny_llama):
@@ -136,6 +167,19 @@ def test_from_linear_reads_codes_off_a_given_grid():
         packed.QuantizedLinear.from_linear(linear, uniform.Grid(3, False, group_size=16), qparams=qparams)
     with pytest.raises(ValueError, match="another grid"):
         packed.QuantizedLinear.from_linear(linear, uniform.Grid(4, False, group_size=16), qparams=qparams)
+
+
+def test_from_linear_tells_the_symmetric_ranges_apart():
+    """Scales of one range are not the other's: from_linear refuses qparams made for the other range."""
+    linear = torch.nn.Linear(64, 8)
+    full, narrow = uniform.Grid(4, group_size=16, narrow_range=False), uniform.Grid(4, group_size=16)
+    qparams = uniform.compute_qparams(linear.weight, full, scale_dtype=torch.float16)
+    with torch.no_grad():
+        linear.weight.copy_(uniform.dequantize(uniform.quantize(linear.weight, qparams), qparams, (8, 64)))
+    assert torch.equal(packed.QuantizedLinear.from_linear(linear, full, qparams=qparams).dequantized_weight(),
+                       linear.weight)
+    with pytest.raises(ValueError, match="qparams were made for another grid"):
+        packed.QuantizedLinear.from_linear(linear, narrow, qparams=qparams)
 
 
 def test_input_scale_packs_awq_form():

@@ -19,11 +19,13 @@ def _scales_per_element(x, qparams):
 
 
 @settings(max_examples=60, deadline=None)
-@given(bits=st.integers(2, 8), symmetric=st.booleans(), setting=st.sampled_from(SETTINGS),
+@given(bits=st.integers(2, 8), symmetric=st.booleans(), narrow=st.booleans(), setting=st.sampled_from(SETTINGS),
        seed=st.integers(0, 2**16), rows=st.integers(1, 5), spread=st.floats(1e-3, 1e3))
-def test_rounding_error_is_at_most_half_a_step(bits, symmetric, setting, seed, rows, spread):
+def test_rounding_error_is_at_most_half_a_step(bits, symmetric, narrow, setting, seed, rows, spread):
+    """Both symmetric ranges too: on the full range +absmax lies half a step beyond q_max."""
     x = torch.randn(rows, 16, generator=torch.Generator().manual_seed(seed)) * spread
-    qparams = uniform.compute_qparams(x, uniform.Grid(bits, symmetric, **setting))
+    grid = uniform.Grid(bits, symmetric, narrow_range=narrow if symmetric else None, **setting)
+    qparams = uniform.compute_qparams(x, grid)
     codes = uniform.quantize(x, qparams)
     assert qparams.grid.qmin <= codes.min() and codes.max() <= qparams.grid.qmax
     error = (uniform.dequantize(codes, qparams, x.shape) - x).abs()
@@ -51,6 +53,8 @@ def test_symmetric_codes_are_odd_functions(bits, seed):
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_matches_pytorch_fake_quantization_per_channel(bits, symmetric):
+    """Not the full symmetric range: PyTorch multiplies by 1/s, which moves -absmax (there a tie at
+    -(2^(b-1) - 1/2) steps) to either side; GPTQ's reference divides, as we do (test below)."""
     x = torch.randn(32, 48, generator=torch.Generator().manual_seed(bits))
     grid = uniform.Grid(bits, symmetric, per="channel")
     qparams = uniform.compute_qparams(x, grid)
@@ -96,6 +100,9 @@ def test_finer_granularity_is_never_worse_on_outlier_rows():
     (dict(bits=4, group_size=True), ValueError, "group_size must be a positive int"),
     (dict(bits=4, group_size=8, per="token"), ValueError, "group_size .* needs per='channel', got per='token'"),
     (dict(bits=4, group_size=8, per="tensor"), ValueError, "group_size .* needs per='channel'"),
+    (dict(bits=4, narrow_range=1), TypeError, "narrow_range must be a bool or None, got int"),
+    (dict(bits=4, narrow_range="full"), TypeError, "narrow_range must be a bool or None"),
+    (dict(bits=4, symmetric=False, narrow_range=True), ValueError, "narrow_range=True needs symmetric=True"),
 ])
 def test_bad_grids_name_the_parameter(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -109,6 +116,65 @@ def test_grid_granularity_and_code_range():
     assert (uniform.Grid(4).qmin, uniform.Grid(4).qmax) == (-7, 7)
     assert (uniform.Grid(4, symmetric=False).qmin, uniform.Grid(4, symmetric=False).qmax) == (0, 15)
     assert (uniform.Grid(8).qmin, uniform.Grid(8, symmetric=False).qmax) == (-127, 255)
+
+
+@pytest.mark.parametrize("bits, codes", [(2, (-2, 1)), (3, (-4, 3)), (4, (-8, 7)), (8, (-128, 127))])
+def test_the_full_symmetric_range_uses_all_codes(bits, codes):
+    full = uniform.Grid(bits, narrow_range=False)
+    assert (full.qmin, full.qmax) == codes and full.qmax - full.qmin + 1 == 2**bits
+    narrow = uniform.Grid(bits)
+    assert narrow.narrow_range is True and (narrow.qmin, narrow.qmax) == (-codes[1], codes[1])
+    # an asymmetric grid is always on the full range; None takes the grid's own range
+    assert uniform.Grid(bits, symmetric=False).narrow_range is False
+    assert uniform.Grid(bits, symmetric=False, narrow_range=False) == uniform.Grid(bits, symmetric=False)
+    assert uniform.Grid(bits, narrow_range=True) == narrow != full
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16])
+def test_the_full_symmetric_range_scale_and_its_ends(scale_dtype):
+    """s = absmax / 7.5 at 4 bits (GPTQ's 2 absmax / 15): +absmax lies at 7.5 steps and saturates at
+    code 7, -absmax at -7.5 steps rounds to even, code -8; the narrow range puts them on -7 and 7."""
+    x = torch.tensor([[-7.5, 7.5, 0.25, -3.4, 7.2, -7.2], [3.75, -3.75, 1.0, 0.0, -0.2, 2.0]])  # absmax 7.5, 3.75
+    full = uniform.compute_qparams(x, uniform.Grid(4, narrow_range=False), scale_dtype)
+    assert full.scale.view(-1).tolist() == [1.0, 0.5]  # exact: absmax / 7.5
+    assert uniform.quantize(x, full).tolist() == [[-8, 7, 0, -3, 7, -7], [7, -8, 2, 0, 0, 4]]
+    narrow = uniform.compute_qparams(x, uniform.Grid(4), scale_dtype)
+    torch.testing.assert_close(narrow.scale.view(-1), torch.tensor([7.5, 3.75]) / 7,
+                               rtol=0 if scale_dtype == torch.float32 else 1e-3, atol=0)
+    assert uniform.quantize(x, narrow)[:, :2].tolist() == [[-7, 7], [7, -7]]
+
+
+def _gptq_reference_symmetric(x, bits):
+    """GPTQ's reference quantizer (quant.py, find_params with sym=True, per channel, and quantize) for
+    rows that hold a negative value: xmax = max(|xmin|, xmax), xmin = -xmax, scale = (xmax - xmin) / maxq
+    with maxq = 2^bits - 1, zero = (maxq + 1) / 2, codes clamp(round(x / scale) + zero, 0, maxq)."""
+    maxq = 2**bits - 1
+    xmax = torch.maximum(x.amin(1).clamp_max(0).abs(), x.amax(1).clamp_min(0))
+    scale = ((xmax - (-xmax)) / maxq)[:, None]
+    zero = torch.full_like(scale, (maxq + 1) / 2)
+    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+    return scale * (q - zero)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_the_full_symmetric_range_equals_gptqs_reference_quantizer(bits):
+    x = torch.randn(64, 128, generator=torch.Generator().manual_seed(bits))
+    x[:8, 0] = -x[:8].abs().amax(1) * 1.0  # rows whose absmax is negative
+    x[8:16, 0] = x[8:16].abs().amax(1) * 1.0  # and positive
+    grid = uniform.Grid(bits, narrow_range=False)
+    assert torch.equal(uniform.fake_quantize(x, grid), _gptq_reference_symmetric(x, bits))
+    grouped = uniform.Grid(bits, narrow_range=False, group_size=32)  # a group is a row of the grouped view
+    reference = _gptq_reference_symmetric(x.reshape(-1, 32), bits).reshape(x.shape)
+    assert torch.equal(uniform.fake_quantize(x, grouped), reference)
+
+
+def test_absmax_scale_follows_the_range():
+    absmax = torch.tensor([15.0, 7.0])
+    assert torch.equal(uniform.absmax_scale(absmax, uniform.Grid(4, narrow_range=False)), absmax * 2 / 15)
+    assert torch.equal(uniform.absmax_scale(absmax, uniform.Grid(4)), absmax / 7)
+    assert torch.equal(uniform.absmax_scale(absmax, uniform.Grid(8, narrow_range=False)), absmax / 127.5)
+    with pytest.raises(ValueError, match="absmax_scale needs a symmetric grid"):
+        uniform.absmax_scale(absmax, uniform.Grid(4, symmetric=False))
 
 
 @pytest.mark.parametrize("grid, error, match", [

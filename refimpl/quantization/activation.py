@@ -97,7 +97,8 @@ class ActivationQuantizedLinear(nn.Module):
             absmax = torch.as_tensor(static_absmax, dtype=torch.float32).detach().reshape(1, 1)  # [1, 1]
             if not torch.isfinite(absmax).all() or absmax.item() < 0:
                 raise ValueError(f"static_absmax must be a finite number >= 0, got {absmax.item()!r}")
-            input_scale = (absmax / act_grid.qmax).clamp_min(torch.finfo(torch.float32).tiny)
+            # max|X| / q_max on act_grid's narrow range, max|X| / ((2^N - 1) / 2) on its full range
+            input_scale = uniform.absmax_scale(absmax, act_grid).clamp_min(torch.finfo(torch.float32).tiny)
         self.register_buffer("input_scale", input_scale)  # static per-tensor scale, or None: dynamic
 
     def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:

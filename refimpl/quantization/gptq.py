@@ -18,17 +18,24 @@ rows at once; apply updates lazily in blocks of ``block_size`` columns (Alg. 1);
 needed from the upper Cholesky factor of :math:`H^{-1}`, after dampening :math:`H` by
 :math:`\lambda \cdot \mathrm{mean}(\mathrm{diag}\,H)` (Step 3). That loop is shared with SparseGPT
 (:mod:`refimpl.obs`); what GPTQ adds is the rounding of each column to its grid
-(:func:`quantize_columns`). The optional *act-order* heuristic quantizes columns in order of
-decreasing :math:`H_{qq}` (largest activations first).
+(:func:`quantize_columns`). The *act-order* heuristic of the authors' code (``--act-order``, used
+for their LLaMA results and the default of AutoGPTQ's ``desc_act``) quantizes columns in order of
+decreasing :math:`H_{qq}` (largest activations first); it is on by default here
+(``act_order=True``).
 
 The quantization grid is :mod:`refimpl.quantization.uniform`'s: per output channel, or per group of
-``group_size`` input columns. Without act-order a group's scale is computed when the column loop
-reaches the group, from the weights as updated so far: with ``block_size`` a multiple of
-``group_size`` (the defaults, 128 and 64) every compensation of the earlier columns has reached them.
-(The paper's code reads them before the compensations of the current block of columns — a small
-difference for the groups that start inside a block.) With act-order the group scales are fixed from
-the original weights first ("static groups"), because the columns of a group are then not visited
-together.
+``group_size`` input columns. The authors' symmetric grid (``--sym``; AutoGPTQ's default ``sym=True``)
+uses all :math:`2^b` codes, :math:`s = 2\max|w| / (2^b - 1)`: ``uniform.Grid(bits, narrow_range=False)``.
+Without ``--sym`` the authors' grid is asymmetric (``symmetric=False``).
+
+Without act-order a group's scale is computed when the column loop reaches the group, from the
+weights as updated so far: with ``block_size`` a multiple of ``group_size`` (the defaults, 128 and 64)
+every compensation of the earlier columns has reached them. (The paper's code reads them before the
+compensations of the current block of columns — a small difference for the groups that start inside
+a block.) With act-order the group scales are fixed from the original weights first ("static groups",
+the authors' ``--static-groups``), because the columns of a group are then not visited together;
+without that option their code forms groups of consecutive columns in the permuted order instead
+(which a deployed model must undo with a per-column group index).
 """
 
 from __future__ import annotations
@@ -119,7 +126,7 @@ def gptq_quantize(
     grid: uniform.Grid,
     block_size: int = 128,
     damp: float = 0.01,
-    act_order: bool = False,
+    act_order: bool = True,
 ) -> tuple[torch.Tensor, uniform.QParams]:
     """Quantize ``weight [out, in]`` with GPTQ given the Hessian ``H [in, in]`` of its inputs.
 
@@ -130,7 +137,9 @@ def gptq_quantize(
             group of ``grid.group_size`` inputs.
         block_size: columns per lazy batch update (Alg. 1's :math:`B`).
         damp: dampening :math:`\\lambda` in (0, 1), as a fraction of the mean diagonal of :math:`H`.
-        act_order: quantize columns by decreasing :math:`H_{qq}`.
+        act_order: quantize columns by decreasing :math:`H_{qq}` (the default), with the group scales
+            fixed from the original weight (static groups); False quantizes them in their natural order
+            0, 1, 2, ... (the paper's Algorithm 1), each group's scales taken when the loop reaches it.
 
     Returns:
         ``(weight, qparams)``: the dequantized GPTQ weight ``[out, in]`` (float32; the values a
@@ -184,7 +193,7 @@ def quantize_model_gptq(
     grid: uniform.Grid,
     block_size: int = 128,
     damp: float = 0.01,
-    act_order: bool = False,
+    act_order: bool = True,
     batch_size: int = 8,
     pack: bool = False,
     statistics: dict[str, calibration.InputStatistics] | None = None,
@@ -193,13 +202,23 @@ def quantize_model_gptq(
 ) -> torch.nn.Module:
     """GPTQ every linear layer of the decoder layers, in place; the output layer is left alone.
 
-    Calibration (:func:`refimpl.calibration.statistics_by_layer`): from token ``blocks``, one decoder
-    layer at a time, each layer calibrated on the outputs of the already quantized layers before it
-    (as in the paper); or, with ``blocks=None``, from ``statistics`` captured once on the float model
-    (:func:`refimpl.calibration.input_statistics`), which lets a sweep reuse one capture.
+    Calibration (:func:`refimpl.calibration.statistics_by_layer`), one of two:
+
+    - token ``blocks`` — **the paper's procedure**: sequential, one decoder layer at a time, each
+      calibrated on the outputs of the already quantized layers before it, so that a layer's Hessian
+      comes from the inputs it will see in the quantized model. (Inside a decoder layer, every linear layer
+      reads the inputs of the layer's unquantized forward pass, as in the authors' default; their
+      ``--true-sequential`` option quantizes q/k/v, then o, then gate/up, then down within the layer.)
+    - ``statistics`` captured once on the *float* model (:func:`refimpl.calibration.input_statistics`)
+      with ``blocks=None`` — a **departure** from the paper, for sweeps: one capture serves every grid
+      and setting, but each layer is calibrated on float inputs, not on those the quantized model
+      gives it.
 
     Args:
-        grid: the uniform grid, per output channel or per group of ``grid.group_size`` inputs.
+        grid: the uniform grid, per output channel or per group of ``grid.group_size`` inputs (the
+            authors' symmetric grid is ``narrow_range=False``, module docstring).
+        act_order: quantize columns by decreasing :math:`H_{qq}` (the default; :func:`gptq_quantize`);
+            False for the natural order of the paper's Algorithm 1.
         pack: replace every layer by a :class:`~refimpl.quantization.packed.QuantizedLinear` holding
             GPTQ's codes and scales (the same values, really stored in ``grid.bits`` bits).
         first_token_weight: weight of the first token of every calibration block in the Hessian

@@ -68,8 +68,10 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 class QuantizedLinear(torch.nn.Module):
-    r"""A linear layer holding packed weight codes on a ``grid`` (``grid.bits`` bits each) and float16
-    scales (and zero-points); ``forward`` dequantizes the weight and runs an ordinary matrix product.
+    r"""A linear layer holding packed weight codes on a ``grid`` (``grid.bits`` bits each, stored as
+    ``code - grid.qmin``: a symmetric grid on its narrow or full range, or an asymmetric one) and float16
+    scales (and zero-points, asymmetric only); ``forward`` dequantizes the weight and runs an ordinary
+    matrix product.
 
     An optional float16 ``input_scale`` :math:`s` (one per input feature) stores a weight quantized as
     :math:`Q(W\,\mathrm{diag}(s))`, as AWQ produces it: ``forward`` computes
@@ -143,7 +145,9 @@ class QuantizedLinear(torch.nn.Module):
                 raise ValueError(f"the weight is not on the grid of qparams (off by up to {off_grid.max():.3g})")
         module = cls(linear.in_features, linear.out_features, grid, bias=linear.bias is not None,
                      input_scale=input_scale is not None).to(weight.device)
-        module.packed.copy_(pack_codes(codes - grid.qmin, grid.bits))  # codes shifted to [0, 2^bits - 1]
+        # codes shifted to [0, qmax - qmin], within [0, 2^bits - 1]: [0, 2^bits - 2] on a symmetric grid's
+        # narrow range (one code unused), [0, 2^bits - 1] on the full range and on an asymmetric grid
+        module.packed.copy_(pack_codes(codes - grid.qmin, grid.bits))
         module.scale.copy_(qparams.scale.reshape(-1))
         if not grid.symmetric:
             module.zero_point.copy_(qparams.zero_point.reshape(-1))
@@ -179,8 +183,9 @@ class QuantizedLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         grid = self.grid
         size = grid.granularity if grid.granularity != "group" else f"group {grid.group_size}"
+        kind = "asymmetric" if not grid.symmetric else "symmetric" if grid.narrow_range else "symmetric full range"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={grid.bits}, "
-                f"{'symmetric' if grid.symmetric else 'asymmetric'}, {size}"
+                f"{kind}, {size}"
                 + (", input_scale" if self.input_scale is not None else ""))
 
 

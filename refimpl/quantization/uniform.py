@@ -5,18 +5,34 @@ A real value :math:`x` is represented by an integer code :math:`q` on :math:`b` 
 
 .. math:: q = \mathrm{clamp}\big(\lfloor x / s \rceil + z,\; q_\min,\; q_\max\big), \qquad \hat x = s\,(q - z).
 
-- **Symmetric** (absmax): :math:`z = 0`, codes :math:`[-(2^{b-1}-1),\, 2^{b-1}-1]`, and
-  :math:`s = \max|x| / q_\max`. The grid is centred on zero; one code of the two's-complement range is
-  left unused so that the grid stays symmetric.
-- **Asymmetric** (zero-point): codes :math:`[0,\, 2^b-1]`, :math:`s = (\max x - \min x)/(2^b - 1)` and
-  :math:`z = \lfloor -\min x / s \rceil`, over a range widened to include 0 so that zero is exactly
-  representable (padding, ReLU outputs and sparse weights stay exact).
+- **Symmetric** (absmax): :math:`z = 0` and :math:`s = \max|x| \,/\, \tfrac{q_\max - q_\min}{2}`, the
+  grid centred on zero, on one of two code ranges:
+
+  - the *narrow range* (``narrow_range=True``, the default; TensorFlow's name): codes
+    :math:`[-(2^{b-1}-1),\, 2^{b-1}-1]`, :math:`2^b - 1` levels, so :math:`s = \max|x| / q_\max`
+    (:math:`\max|x|/7` at 4 bits) and :math:`\pm\max|x|` are grid points. The most negative code of
+    the two's-complement range is left unused so that the grid stays symmetric.
+  - the *full range* (``narrow_range=False``): all :math:`2^b` codes :math:`[-2^{b-1},\, 2^{b-1}-1]`
+    and :math:`s = \max|x| / \tfrac{2^b-1}{2}` (:math:`\max|x|/7.5` at 4 bits), as GPTQ's reference
+    code (``sym=True``: :math:`s = 2\max|x|/(2^b-1)`, zero :math:`2^{b-1}` on codes :math:`[0, 2^b-1]`),
+    AutoGPTQ and compressed-tensors (llmcompressor) quantize. Its step is
+    :math:`\tfrac{2^{b-1}-1}{2^{b-1}-1/2}` of the narrow one (14/15 at 4 bits); :math:`+\max|x|` lies
+    half a step beyond :math:`q_\max` and saturates there, :math:`-\max|x|` rounds to :math:`q_\min`
+    (or to :math:`q_\min + 1` when the stored scale rounds up; at exactly :math:`2^{b-1} - 1/2` steps
+    the tie goes to the even code, :math:`q_\min`, with :func:`torch.round` as in those libraries).
+    One quirk of GPTQ's reference code is not reproduced: a group without negative values keeps its
+    minimum 0 there and gets :math:`s = \max x/(2^b-1)`, so that its values above :math:`q_\max s`
+    saturate.
+- **Asymmetric** (zero-point): codes :math:`[0,\, 2^b-1]` (always the full range), :math:`s = (\max x -
+  \min x)/(2^b - 1)` and :math:`z = \lfloor -\min x / s \rceil`, over a range widened to include 0 so
+  that zero is exactly representable (padding, ReLU outputs and sparse weights stay exact).
 
 **Granularity** — which values share one :math:`(s, z)`: the whole tensor, each output channel (row
 of a weight ``[out, in]``), each group of ``group_size`` consecutive inputs of a row, or each token
 (row of an activation ``[..., tokens, features]``). Finer granularity follows the data more closely
 at the cost of storing more scales. A :class:`Grid` holds these choices — :math:`b`, symmetric or
-not, which values share a scale — and every quantizer of :mod:`refimpl.quantization` takes one.
+not (and a symmetric grid's range of codes), which values share a scale — and every quantizer of
+:mod:`refimpl.quantization` takes one.
 
 **Static vs dynamic ranges** — :func:`compute_qparams` on calibration data once, then
 :func:`quantize` every later input with those parameters (static: values outside the calibrated
@@ -50,15 +66,25 @@ WEIGHT_SCALE_DTYPE = torch.float16
 
 @dataclass(frozen=True)
 class Grid:
-    """The integer grid values are rounded to (Eq. 1): ``bits``, symmetric (absmax) or asymmetric
+    r"""The integer grid values are rounded to (Eq. 1): ``bits``, symmetric (absmax) or asymmetric
     (zero-point), and which values share one scale: groups of ``group_size`` consecutive inputs of a
     row, or when ``group_size`` is None one scale ``per`` ``"channel"`` (a row of a weight ``[out, in]``),
-    ``"token"`` (a row of an activation) or ``"tensor"``."""
+    ``"token"`` (a row of an activation) or ``"tensor"``.
+
+    ``narrow_range`` chooses a symmetric grid's codes (module docstring): True (the default for a
+    symmetric grid), :math:`2^b - 1` codes :math:`[-(2^{b-1}-1), 2^{b-1}-1]`; False, all :math:`2^b`
+    codes :math:`[-2^{b-1}, 2^{b-1}-1]` with the step :math:`\max|x| / ((2^b-1)/2)` of GPTQ's reference
+    code and of compressed-tensors. An asymmetric grid always uses all :math:`2^b` codes
+    :math:`[0, 2^b-1]`: its ``narrow_range`` is False, and passing True raises ``ValueError`` (the
+    narrow asymmetric range :math:`[1, 2^b-1]` is not implemented). Left at None, the field takes the
+    grid's own value: ``Grid(4).narrow_range`` is True, ``Grid(4, symmetric=False).narrow_range``
+    False."""
 
     bits: int
     symmetric: bool = True
     group_size: int | None = None
     per: str = "channel"
+    narrow_range: bool | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -70,6 +96,13 @@ class Grid:
             if self.per != "channel":
                 raise ValueError(f"group_size groups the inputs of a row: it needs per='channel', "
                                  f"got per={self.per!r}")
+        if self.narrow_range is None:  # the grid's own range: narrow if symmetric, full if asymmetric
+            object.__setattr__(self, "narrow_range", self.symmetric)
+        elif not isinstance(self.narrow_range, bool):
+            raise TypeError(f"narrow_range must be a bool or None, got {type(self.narrow_range).__name__}")
+        elif self.narrow_range and not self.symmetric:
+            raise ValueError("narrow_range=True needs symmetric=True: an asymmetric grid uses all 2^bits codes "
+                             "[0, 2^bits - 1] (narrow_range False or None)")
 
     @property
     def granularity(self) -> str:
@@ -78,12 +111,15 @@ class Grid:
 
     @property
     def qmin(self) -> int:
-        """The smallest code: ``-(2^(b-1)-1)`` symmetric, ``0`` asymmetric."""
-        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+        """The smallest code: ``-(2^(b-1)-1)`` symmetric on the narrow range, ``-2^(b-1)`` symmetric on
+        the full range, ``0`` asymmetric."""
+        if not self.symmetric:
+            return 0
+        return -(2 ** (self.bits - 1) - 1) if self.narrow_range else -(2 ** (self.bits - 1))
 
     @property
     def qmax(self) -> int:
-        """The largest code: ``2^(b-1)-1`` symmetric, ``2^b-1`` asymmetric."""
+        """The largest code: ``2^(b-1)-1`` symmetric (either range), ``2^b-1`` asymmetric."""
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
 
@@ -149,9 +185,19 @@ def grouped(x: torch.Tensor, grid: Grid) -> torch.Tensor:
     return rows
 
 
+def absmax_scale(absmax: torch.Tensor, grid: Grid) -> torch.Tensor:
+    r"""The step :math:`s` of a symmetric ``grid`` for values of largest magnitude ``absmax``:
+    :math:`s = \max|x| / \tfrac{q_\max - q_\min}{2}` — :math:`\max|x| / q_\max` on the narrow range,
+    :math:`\max|x| / \tfrac{2^b - 1}{2}` on the full range (module docstring)."""
+    if not grid.symmetric:
+        raise ValueError("absmax_scale needs a symmetric grid (an asymmetric one takes its scale from min and max)")
+    return absmax / ((grid.qmax - grid.qmin) / 2)  # (q_max - q_min) / 2: q_max (narrow) or 2^(b-1) - 1/2 (full)
+
+
 def compute_qparams(x: torch.Tensor, grid: Grid, scale_dtype: torch.dtype = torch.float32) -> QParams:
-    """Scales (and zero-points) of ``grid`` from the range of ``x`` — its absmax (symmetric) or its min
-    and max widened to include 0 (asymmetric) — per tensor, channel, group or token.
+    """Scales (and zero-points) of ``grid`` from the range of ``x`` — its absmax (symmetric,
+    :func:`absmax_scale`: on the narrow or the full range of codes) or its min and max widened to
+    include 0 (asymmetric) — per tensor, channel, group or token.
 
     ``scale_dtype`` rounds the scales to the precision they will be stored in (e.g. float16), so that
     codes computed here are the ones a packed layer reproduces.
@@ -166,7 +212,7 @@ def compute_qparams(x: torch.Tensor, grid: Grid, scale_dtype: torch.dtype = torc
     tiny = torch.nextafter(torch.zeros((), dtype=scale_dtype), torch.ones((), dtype=scale_dtype)).item()
     if grid.symmetric:
         absmax = g.abs().amax(dim=-1, keepdim=True)
-        scale = (absmax / qmax).clamp_min(tiny).to(scale_dtype).float()
+        scale = absmax_scale(absmax, grid).clamp_min(tiny).to(scale_dtype).float()
         zero_point = torch.zeros_like(scale)
     else:
         low = g.amin(dim=-1, keepdim=True).clamp_max(0.0)
