@@ -141,7 +141,8 @@ ROWS: tuple[Row, ...] = (
         settings=f"4-bit asymmetric, groups of {_G}; act-order (static groups), damp 0.01, blocks of 128 columns",
         apply=recipes.gptq_w4, evaluated=_PACKED4, kernel=_INT4, calibration=_GPTQ),
     Row(id=f"awq-w4g{_G}", methods=("awq",), family="quantization", chapter="03",
-        settings=f"4-bit asymmetric, groups of {_G}; per-channel scales searched over 10 exponents, no clipping",
+        settings=f"4-bit asymmetric, groups of {_G}; per-channel scales searched over 20 exponents (each layer's "
+                 "output error), then the clipping search",
         apply=recipes.awq_w4, evaluated=_PACKED4 + ", input scales", kernel=_INT4, calibration=_PTQ),
     Row(id="llm-int8", methods=("llm-int8",), family="quantization", chapter="03",
         settings="int8 vector-wise (absmax per row of X and column of W); input dimensions with |x| >= 6 kept in "
