@@ -9,7 +9,7 @@
 # It installs requirements-peers.txt (llmcompressor and the same torch as the main environment, with
 # the exact versions of what they pull in from constraints-peers.txt), the two data packages without
 # their dependencies (requirements-nodeps.txt), and refimpl itself in editable mode, so that the peer
-# script runs both libraries from one interpreter. About a minute and 1.6 GB with the local wheels.
+# script runs both libraries from one interpreter. One to two minutes and 1.6 GB with the local wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
