@@ -85,16 +85,20 @@ def compare(record: Record, reference: Record, confidence: float = 0.95) -> eval
     blocks per corpus, the mean over all of them is the mean over the corpora, whose exponential is the
     quality ratio. An interval that excludes 1 orders the two rows; one that includes 1 says they are
     indistinguishable on this evaluation."""
-    blocks = []
     for row in (record, reference):
-        per_corpus = [row.get(f"block_nll_{corpus}") for corpus in data.CORPORA]
-        if not all(isinstance(v, tuple) and len(v) >= 2 for v in per_corpus):
-            raise ValueError(f"row {row.get('row')!r} has no per-block NLLs (block_nll_<corpus>): a table measured "
-                             f"before they were recorded")
-        if len({len(v) for v in per_corpus}) != 1:
+        if len({len(_block_nll(row, corpus)) for corpus in data.CORPORA}) != 1:
             raise ValueError(f"row {row.get('row')!r} has a different number of blocks per corpus")
-        blocks.append(torch.tensor([nll for values in per_corpus for nll in values], dtype=torch.float64))
-    return evaluate.paired_ratio(blocks[0], blocks[1], confidence=confidence)
+    return evaluate.paired_ratio(*(torch.cat([_block_nll(row, corpus) for corpus in data.CORPORA])
+                                   for row in (record, reference)), confidence=confidence)
+
+
+def _block_nll(record: Record, corpus: str) -> torch.Tensor:
+    """The record's per-block NLLs on ``corpus``, ``float64[n_blocks]``."""
+    values = record.get(f"block_nll_{corpus}")
+    if not isinstance(values, tuple) or len(values) < 2:
+        raise ValueError(f"row {record.get('row')!r} has no per-block NLLs (block_nll_{corpus}): a table measured "
+                         f"before they were recorded")
+    return torch.tensor(values, dtype=torch.float64)
 
 
 def _is_number(value: Any) -> bool:
@@ -163,6 +167,23 @@ def combination(records: Sequence[Record], row: str, parts: Sequence[str] | None
         weight_fraction_predicted=product("weight_bytes"),
         kv_fraction=_value(combined, "kv_bytes_per_token") / _value(dense, "kv_bytes_per_token"),
         kv_fraction_predicted=product("kv_bytes_per_token"))
+
+
+def interaction(records: Sequence[Record], row: str, parts: Sequence[str] | None = None,
+                confidence: float = 0.95) -> dict[str, evaluate.Interval]:
+    """:attr:`Combination.ppl_ratio` — the combination's measured perplexity over the independent
+    prediction from its parts, per corpus — with a paired block-bootstrap interval: per block, the
+    combination's NLL minus the sum of its parts' plus the dense model's (n - 1 times, for n parts),
+    resampled (:func:`refimpl.evaluate.paired_ratio`). An interval that excludes 1 says the methods
+    interfere (> 1) or overlap (< 1); one that includes 1, that their losses add up as independent ones."""
+    table = measured(records)
+    parts = combination(records, row, parts).parts  # checked there
+    result = {}
+    for corpus in data.CORPORA:
+        combined = _block_nll(table[row], corpus) - sum(_block_nll(table[p], corpus) for p in parts)
+        result[corpus] = evaluate.paired_ratio(combined, (1 - len(parts)) * _block_nll(table["dense"], corpus),
+                                               confidence=confidence)
+    return result
 
 
 def choose(records: Sequence[Record], minimize: str | Callable[[Record], float], max_quality_ratio: float,

@@ -133,3 +133,22 @@ def test_compare_is_the_quality_ratio_with_a_paired_interval():
 def test_compare_needs_per_block_losses():
     with pytest.raises(ValueError, match="per-block NLLs"):
         tradeoffs.compare(row("a", 1, 2.0, 2.0), row("b", 1, 2.0, 2.0))
+
+
+def test_interaction_is_the_combinations_ratio_to_its_prediction_with_an_interval():
+    def blocks(s, d):
+        return dict(block_nll_shakespeare=s, block_nll_docstrings=d)
+
+    def ppl(values):
+        return math.exp(sum(values) / len(values))
+
+    rows = {"dense": ((3.0, 3.2, 2.8), (4.0, 4.4, 3.6)), "a": ((3.1, 3.3, 2.9), (4.2, 4.6, 3.8)),
+            "b": ((3.2, 3.4, 3.0), (4.1, 4.5, 3.7)), "a+b": ((3.3, 3.5, 3.1), (4.5, 4.9, 4.1))}
+    records = [{**row(name, 1, ppl(s), ppl(d), family="baseline" if name == "dense" else "quantization"),
+                **blocks(s, d)} for name, (s, d) in rows.items()]
+    ratios = tradeoffs.interaction(records, "a+b")
+    expected = tradeoffs.combination(records, "a+b").ppl_ratio
+    assert ratios["shakespeare"].estimate == pytest.approx(expected["shakespeare"]) == pytest.approx(1.0)
+    assert not ratios["shakespeare"].excludes(1.0)  # losses add up exactly on every block
+    assert ratios["docstrings"].estimate == pytest.approx(expected["docstrings"]) == pytest.approx(math.exp(0.2))
+    assert ratios["docstrings"].low > 1  # the combination is worse than its parts predict on every block
