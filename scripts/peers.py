@@ -28,7 +28,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from refimpl import data, evaluate, models, runtime  # noqa: E402
+from refimpl.effects.run import git_state  # noqa: E402
 from refimpl.pruning import sparsegpt, wanda  # noqa: E402
 from refimpl.quantization import activation, awq, gptq, smoothquant, uniform  # noqa: E402
 
@@ -372,20 +372,8 @@ def checks(method: str, model: torch.nn.Module, base: torch.nn.Module) -> dict[s
     }
     if method == "gptq":
         out["max_distinct_values_per_group"] = max(
-            int(torch.sort(w.reshape(-1, GROUP), dim=1).values.diff(dim=1).ne(0).sum(dim=1).max()) + 1
-            for w in weights)
+            int(models.distinct_values_per_block(w, GROUP).max()) for w in weights)
     return out
-
-
-def _git() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                    capture_output=True, text=True, check=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit, "dirty": dirty}
 
 
 def _versions() -> dict[str, str]:
@@ -404,7 +392,7 @@ def run(methods: tuple[str, ...], n_calibration: int, n_evaluation: int, out: Pa
     result: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **_git(),
+        **git_state(),
         "versions": _versions(),
         "machine": {"cpu": runtime.cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),

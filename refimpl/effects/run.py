@@ -30,7 +30,9 @@ from refimpl.effects.registry import ROW_IDS, select_rows
 from refimpl.runtime import progress
 
 
-def _git() -> dict[str, Any]:
+def git_state() -> dict[str, Any]:
+    """The repository's commit and whether tracked files have uncommitted changes (``None`` for both
+    where git cannot say): the provenance every recorded run carries."""
     root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -121,7 +123,7 @@ def run_effects(out: str | os.PathLike, model: str | os.PathLike | tuple[nn.Modu
     resolved = runtime.model_device(base)
     import transformers
 
-    git = _git()
+    git = git_state()
     commit = "" if git["commit"] is None else git["commit"][:12] + ("+dirty" if git["dirty"] else "")
     run = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "command": list(sys.argv if command is None else command), "git": git, "measured": [], "kept": [],
