@@ -99,7 +99,7 @@ def first_layer_inputs(model: torch.nn.Module, blocks: torch.Tensor, batch_size:
 
 
 def layerwise(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8,
-              skip: tuple[str, ...] = ()) -> Iterator[LayerCapture]:
+              skip: tuple[str, ...] = (), modifies: bool = True) -> Iterator[LayerCapture]:
     """Walk the decoder layers in order, yielding each with the inputs of its linear layers.
 
     Before yielding layer :math:`\\ell`, its linear layers' inputs are captured by running the layer
@@ -111,6 +111,9 @@ def layerwise(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8,
         blocks: calibration token ids, ``LongTensor[n_blocks, seq_len]``.
         batch_size: blocks per forward pass.
         skip: linear layers whose name contains one of these strings are not captured.
+        modifies: whether the loop body may change the layer. ``False`` (for captures of an unmodified
+            model) passes on the outputs of the capturing pass instead of recomputing them: half the
+            forward passes, the same outputs.
 
     Raises ``ValueError`` when a layer's inputs hold NaN or Inf (activations that overflow), before
     that layer is yielded.
@@ -126,8 +129,7 @@ def layerwise(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8,
             for name, m in linears.items()]
         try:
             with torch.no_grad():
-                for hidden, kwargs in states:
-                    layer(hidden, **kwargs)
+                outputs = [anatomy.layer_output(layer(hidden, **kwargs)) for hidden, kwargs in states]
         finally:
             for handle in handles:
                 handle.remove()
@@ -135,8 +137,10 @@ def layerwise(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8,
         for name, x in captured.items():  # activations that overflowed would make every statistic NaN
             check_finite(f"the inputs of {anatomy.layer_name(index, name)} on these blocks", x)
         yield LayerCapture(index, layer, linears, captured, blocks.shape[1])
-        with torch.no_grad():  # the layer may have changed: its outputs feed the next layer
-            states = [(anatomy.layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
+        if modifies:  # the layer may have changed: its outputs, recomputed, feed the next layer
+            with torch.no_grad():
+                outputs = [anatomy.layer_output(layer(hidden, **kwargs)) for hidden, kwargs in states]
+        states = [(output, kwargs) for output, (_, kwargs) in zip(outputs, states)]
 
 
 @dataclass
@@ -219,7 +223,7 @@ def input_statistics(model: torch.nn.Module, blocks: torch.Tensor, batch_size: i
     The Gram matrices stay in memory: about 400 MB in float32 for SmolLM2-135M (one per distinct
     input of each layer). Captures of two token sets combine with :func:`combine_statistics`."""
     stats = {}
-    for capture in layerwise(model, blocks, batch_size, skip):
+    for capture in layerwise(model, blocks, batch_size, skip, modifies=False):
         stats.update({anatomy.layer_name(capture.index, name): s for name, s in layer_statistics(capture).items()})
     return stats
 

@@ -17,6 +17,8 @@ Uncertainty
     :func:`perplexity_interval` gives a perplexity's 95 % interval and :func:`paired_ratio` the ratio of
     two models' perplexities on the same blocks with its interval, both by resampling whole blocks
     (a block bootstrap). A comparison claims an order only where the ratio's interval excludes 1.
+    :func:`perplexities` returns :class:`Scores`, which keep every block's loss, so that two models
+    scored on the same blocks compare in one call (``scores.ratio(reference)``).
 
 Size
     :func:`model_bytes` adds up the bytes of the tensors the model actually holds (parameters and
@@ -94,11 +96,49 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8
     return math.exp(mean_nll(model, blocks, batch_size))
 
 
-def perplexities(model: torch.nn.Module, blocks: Mapping[str, torch.Tensor], batch_size: int = 8) -> dict[str, float]:
-    """:func:`perplexity` on each named set of blocks (the chapters use one per corpus), in order."""
+class Scores(Mapping[str, float]):
+    """Perplexity per named set of blocks — a read-only mapping ``name -> perplexity``, printed like a
+    dict — that keeps each block's mean NLL, so that two models scored on the same blocks compare with
+    a paired interval (:meth:`ratio`)."""
+
+    def __init__(self, block_nll: Mapping[str, torch.Tensor]) -> None:
+        if not isinstance(block_nll, Mapping) or not block_nll:
+            raise ValueError("block_nll must be a non-empty mapping of name -> per-block NLLs [n_blocks]")
+        for name, nll in block_nll.items():
+            if not isinstance(nll, torch.Tensor) or nll.dim() != 1 or nll.numel() == 0 or not nll.is_floating_point():
+                raise ValueError(f"block_nll[{name!r}] must be a non-empty 1-D floating-point tensor (block_nll)")
+        self.block_nll = {name: nll.detach().double().cpu() for name, nll in block_nll.items()}
+
+    def __getitem__(self, name: str) -> float:
+        return math.exp(self.block_nll[name].mean().item())
+
+    def __iter__(self):
+        return iter(self.block_nll)
+
+    def __len__(self) -> int:
+        return len(self.block_nll)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+    def interval(self, confidence: float = 0.95) -> dict[str, Interval]:
+        """Each perplexity with its block-bootstrap interval (:func:`perplexity_interval`)."""
+        return {name: perplexity_interval(nll, confidence) for name, nll in self.block_nll.items()}
+
+    def ratio(self, reference: "Scores", confidence: float = 0.95) -> dict[str, Interval]:
+        """This model's perplexity / ``reference``'s on each set of blocks, with the paired interval of
+        :func:`paired_ratio`: an interval below 1 says this model is better on that set."""
+        if not isinstance(reference, Scores) or list(reference) != list(self):
+            raise ValueError(f"reference must be the Scores of another model on the same sets {list(self)}")
+        return {name: paired_ratio(nll, reference.block_nll[name], confidence) for name, nll in self.block_nll.items()}
+
+
+def perplexities(model: torch.nn.Module, blocks: Mapping[str, torch.Tensor], batch_size: int = 8) -> Scores:
+    """:func:`perplexity` on each named set of blocks (the chapters use one per corpus), in order, as
+    :class:`Scores` (which also keeps every block's NLL for intervals and paired comparisons)."""
     if not isinstance(blocks, Mapping) or not blocks:
         raise ValueError("blocks must be a non-empty mapping of name -> LongTensor[n_blocks, seq_len]")
-    return {name: perplexity(model, named, batch_size) for name, named in blocks.items()}
+    return Scores({name: block_nll(model, named, batch_size) for name, named in blocks.items()})
 
 
 # --- uncertainty --------------------------------------------------------------------------------

@@ -94,6 +94,25 @@ def test_models_without_decoder_layers_are_rejected():
 
 
 @pytest.mark.slow
+def test_a_capture_that_does_not_modify_runs_each_layer_once_with_the_same_inputs(tiny_llama):
+    blocks = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(0))
+    calls = []
+    handles = [layer.register_forward_pre_hook(lambda module, args, i=i: calls.append(i))
+               for i, layer in enumerate(tiny_llama.model.layers)]
+    try:
+        recomputed = [c.inputs for c in calibration.layerwise(tiny_llama, blocks, batch_size=2)]
+        first = calls.count(0) - 4  # the pass that collects the first layer's inputs
+        assert calls.count(1) == 4  # two batches, captured then recomputed
+        calls.clear()
+        reused = [c.inputs for c in calibration.layerwise(tiny_llama, blocks, batch_size=2, modifies=False)]
+        assert calls.count(1) == 2 and calls.count(0) == first + 2  # captured once
+    finally:
+        for handle in handles:
+            handle.remove()
+    for before, after in zip(recomputed, reused):
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_layerwise_on_smollm2_matches_the_full_model(smollm2):
     model, tokenizer = smollm2
     blocks = torch.tensor([tokenizer("The quick brown fox jumps over the lazy dog. " * 3)["input_ids"][:24]])

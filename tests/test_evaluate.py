@@ -268,6 +268,29 @@ def test_perplexities_are_perplexity_per_named_set(tiny_llama):
         evaluate.perplexities(tiny_llama, blocks["a"])
 
 
+def test_scores_keep_the_block_losses_for_intervals_and_paired_ratios(tiny_llama):
+    torch.manual_seed(0)
+    blocks = {"a": torch.randint(0, tiny_llama.config.vocab_size, (4, 12)),
+              "b": torch.randint(0, tiny_llama.config.vocab_size, (3, 12))}
+    scores = evaluate.perplexities(tiny_llama, blocks)
+    assert isinstance(scores, evaluate.Scores)
+    assert repr(scores) == repr(dict(scores)) and evaluate.rounded(scores) == evaluate.rounded(dict(scores))
+    assert torch.equal(scores.block_nll["a"], evaluate.block_nll(tiny_llama, blocks["a"]))
+    interval = scores.interval()["a"]
+    assert interval.estimate == pytest.approx(scores["a"]) and interval.low <= scores["a"] <= interval.high
+    assert all(r.estimate == 1.0 and r.low == r.high == 1.0 for r in scores.ratio(scores).values())
+    worse = evaluate.Scores({name: nll + 0.1 for name, nll in scores.block_nll.items()})  # every block worse
+    ratio = worse.ratio(scores)
+    assert ratio["b"].estimate == pytest.approx(math.exp(0.1)) and ratio["b"].excludes(1.0)
+    assert ratio == {name: evaluate.paired_ratio(worse.block_nll[name], scores.block_nll[name]) for name in blocks}
+    with pytest.raises(ValueError, match="reference"):
+        worse.ratio(evaluate.Scores({"a": scores.block_nll["a"]}))
+    with pytest.raises(ValueError, match="block_nll\\['a'\\]"):
+        evaluate.Scores({"a": torch.tensor([])})
+    with pytest.raises(ValueError, match="block_nll"):
+        evaluate.Scores({})
+
+
 def test_rounded_rounds_every_value_and_checks_digits():
     assert evaluate.rounded({"x": 40.6949, "y": 43.3351}) == {"x": 40.69, "y": 43.34}
     assert evaluate.rounded({"x": 1.23456}, digits=3) == {"x": 1.235}

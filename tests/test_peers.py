@@ -94,3 +94,24 @@ def test_stored_quick_run_has_the_promised_shape():
         intervals += [measured["perplexity"][c][side] for c in corpora for side in ("refimpl", "llmcompressor")]
         for interval in intervals:
             assert math.isfinite(interval["estimate"]) and interval["low"] <= interval["estimate"] <= interval["high"]
+
+
+def test_the_committed_comparison_is_read_and_printed_without_the_peer_environment(tmp_path):
+    from refimpl import peers as committed
+
+    result = committed.load(QUICK_JSON)
+    assert "llmcompressor 0.14" in committed.describe(result)
+    table = committed.format_methods(result, ("gptq",))
+    gptq = result["methods"]["gptq"]
+    ratio = gptq["ratio_refimpl_over_llmcompressor"]["shakespeare"]
+    assert f"{ratio['estimate']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]" in table
+    assert f"{gptq['seconds']['refimpl'] / gptq['seconds']['llmcompressor']:.2f}" in table.splitlines()[-1]
+    with pytest.raises(ValueError, match="methods"):
+        committed.format_methods(result, ("rtn",))
+    with pytest.raises(ValueError, match="methods"):
+        committed.format_methods(result, "gptq")
+    with pytest.raises(FileNotFoundError, match="path"):
+        committed.load(tmp_path / "none.json")
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="path .* no"):
+        committed.load(tmp_path / "other.json")

@@ -217,7 +217,7 @@ def outlier_statistics(model: torch.nn.Module, blocks: torch.Tensor,
     check_threshold(threshold)
     names = {id(m): n for n, m in model.named_modules()}
     stats = []
-    for capture in calibration.layerwise(model, blocks):
+    for capture in calibration.layerwise(model, blocks, modifies=False):
         for name, linear in capture.linears.items():
             x = capture.inputs[name]  # [n_tokens, in_features]
             dims = outlier_dims(x, threshold)
