@@ -17,7 +17,6 @@ from typing import Any, Sequence
 from refimpl.evaluate import Interval
 
 PEERS_FILE = Path(__file__).resolve().parents[1] / "results" / "peers" / "llmcompressor.json"
-SIDES = ("refimpl", "llmcompressor")
 _KEYS = ("date", "commit", "versions", "machine", "protocol", "methods")
 
 
