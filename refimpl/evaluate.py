@@ -242,6 +242,14 @@ def rounded(values: Mapping[str, float], digits: int = 2) -> dict[str, float]:
     return {name: round(value, digits) for name, value in values.items()}
 
 
+def format_intervals(intervals: Mapping[str, Interval], spec: str = ".3f") -> str:
+    """Named intervals on one line, ``"shakespeare 0.721 [0.629, 0.832]  docstrings 0.675 [0.632, 0.724]"``:
+    how the chapters print a comparison per corpus (:meth:`Scores.ratio`)."""
+    if not isinstance(intervals, Mapping) or not all(isinstance(i, Interval) for i in intervals.values()):
+        raise TypeError("intervals must be a mapping of name -> Interval (e.g. Scores.ratio's)")
+    return "  ".join(f"{name} {interval:{spec}}" for name, interval in intervals.items())
+
+
 # --- size ---------------------------------------------------------------------------------------
 
 

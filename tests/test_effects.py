@@ -451,6 +451,7 @@ def test_committed_table_recomputes_on_the_real_model(request):
 def test_rows_name_the_kind_of_their_perplexities():
     kinds = {row.id: row.tolerance for row in registry.ROWS}
     assert kinds["dense"] == "float" and kinds["rtn-w4g64"] == kinds["wanda-50"] == "grid"
+    assert kinds["gptq-w4g64"] == kinds["sparsegpt-50"] == kinds["kd-student+gptq-w4g64"] == "sequential"
     assert kinds["kd-student"] == kinds["llm-pruner-mlp-lora"] == kinds["llm-qat-w3g64"] == "trained"
     assert kinds["zeroquant-w8a8"] == kinds["kv-int8"] == kinds["llm-int8"] == "activations"
     assert kinds["mqa"] == kinds["mqa+kv-int8"] == "long-training"

@@ -366,3 +366,11 @@ def test_paired_ratio_validates(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         evaluate.paired_ratio(**args)
+
+
+def test_format_intervals_prints_each_name_with_its_interval():
+    intervals = {"a": evaluate.Interval(0.7214, 0.6291, 0.8325, 0.95), "b": evaluate.Interval(1.0, 0.99, 1.01, 0.95)}
+    assert evaluate.format_intervals(intervals) == "a 0.721 [0.629, 0.833]  b 1.000 [0.990, 1.010]"
+    assert evaluate.format_intervals(intervals, ".2f") == "a 0.72 [0.63, 0.83]  b 1.00 [0.99, 1.01]"
+    with pytest.raises(TypeError, match="intervals"):
+        evaluate.format_intervals({"a": 0.7})

@@ -50,13 +50,14 @@ class Row:
     @property
     def tolerance(self) -> str:
         """The kind of its perplexities (:mod:`refimpl.reproducibility`), the widest that applies: every
-        method passes its weights through a discrete choice (a grid, a mask, a search); a row that trains
+        method passes its weights through a discrete choice (a grid, a mask, a search), and GPTQ and
+        SparseGPT also carry it from layer to layer (sequential calibration); a row that trains
         carries every difference in the arithmetic through its updates; one that rounds activations or
         the KV cache does so again in every forward pass (``trained_far``: a training that starts from
         a destroyed model moves further still). The dense model is plain float arithmetic."""
         kinds = ["float"]
         if self.methods:
-            kinds.append("grid")
+            kinds.append("sequential" if {"gptq", "sparsegpt"} & set(self.methods) else "grid")
         if self.training:
             kinds.append("long-training" if self.trained_far else "trained")
         if self.kv_bits is not None or self.rounds_activations:
