@@ -64,12 +64,16 @@ def gguf_path(alias: str = "smollm2-135m") -> Path:
     return path
 
 
+def _converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
 def converted_dir(alias: str = "smollm2-135m") -> Path:
     """The plain Hugging Face folder of a shipped model, converted from its GGUF file on first use."""
     if alias not in SHIPPED_MODELS:
         raise ValueError(f"alias must be one of {sorted(SHIPPED_MODELS)}, got {alias!r}")
     target = cache_dir() / "models" / alias
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _converted(target):
         return target
     source = gguf_path(alias)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -93,9 +97,13 @@ def converted_dir(alias: str = "smollm2-135m") -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
+        if target.exists() and not _converted(target):
             shutil.rmtree(target)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process (a second test worker) finished the same conversion first
+            if not _converted(target):
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -24,13 +24,17 @@ beside quantized rows is compared loosely there — and strictly where a chapter
 Each tolerance is at least twice the largest difference measured for its kind (``evidence``: the
 chapters executed with AVX2 kernels, with AVX-512 ones, on an Intel Xeon with AMX, and with the
 weights perturbed in their last bit, which stands in for a machine not tried): wide enough for any
-x86-64 CPU with AVX2 or newer, narrow enough that a change to a method or to the evaluation text
-fails it. The widest are properties of the measurements, not slack: a perplexity over 510 tokens
-of text moves by up to a tenth when every forward pass rounds the activations to a coarse grid
-(``activations``; a larger evaluation would narrow it), a model trained tens of steps from a
+x86-64 CPU with AVX2 or newer, and for the narrow kinds narrow enough that a change to a method or to
+the evaluation text fails it. The wide ones are properties of the measurements, not slack, and a
+change smaller than them (a few percent) passes them unseen: a perplexity over 510 tokens of text
+moves by up to a tenth when every forward pass rounds the activations to a coarse grid
+(``activations``; a larger evaluation would narrow it), a model compressed layer by layer on the
+outputs of the layers already compressed carries the last bits through all its layers and lands up
+to a tenth apart (``sequential``, measured on two CPUs so far), a model trained tens of steps from a
 destroyed start ends a sixth apart on two CPUs (``long-training``; only a longer, gentler training
-would narrow that), and GPTQ calibrated on barely more tokens than a layer has inputs lands a tenth
-apart (``underdetermined``; more calibration text narrows it to ``sequential``).
+would narrow that), and the ratio of GPTQ calibrated on barely more tokens than a layer has inputs
+to its full run moves by a fifth at its interval's upper end (``underdetermined``; more calibration
+text narrows it to ``sequential``).
 """
 
 from __future__ import annotations

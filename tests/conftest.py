@@ -6,13 +6,7 @@ import os
 import shutil
 
 import pytest
-
-# Set before torch starts its OpenMP threads, here and in the notebook kernels started from here: with
-# two test processes on two cores, an idle thread that spins waiting for work takes the core from the
-# other process (results do not depend on it, only the time).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
+import torch
 from tiny import CharTokenizer, make_tiny_llama, save_tiny_model_folder
 
 pytest_plugins = ["pytester"]  # tests/test_reproducibility.py runs nbval on a notebook of its own

@@ -444,8 +444,6 @@ def test_committed_table_recomputes_on_the_real_model(request):
                     "`python -m refimpl effects --model smollm2-135m --out results/effects`")
     smollm2 = request.getfixturevalue("smollm2")  # loaded only when there is a table_csv to check
     checks = check.check_table(table_csv, model=smollm2, model_name="smollm2-135m", rows=["rtn-w4g64", "mqa"])
-    families = {next(r for r in registry.ROWS if r.id == c.row).family for c in checks}
-    assert families == {"quantization", "architecture"}, check.format_checks(checks)
     assert all(c.ok for c in checks), check.format_checks(checks)
 
 
