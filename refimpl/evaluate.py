@@ -45,7 +45,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from refimpl._validation import (as_device, check_non_negative_int, check_positive_int, check_token_ids,
+from refimpl._validation import (all_finite, as_device, check_non_negative_int, check_positive_int, check_token_ids,
                                  vocabulary_size)
 from refimpl.anatomy import attention_shape
 from refimpl.runtime import eval_mode, model_device, progress, time_calls
@@ -166,7 +166,7 @@ class Interval:
 def _check_block_nll(param: str, nll: torch.Tensor) -> None:
     if not isinstance(nll, torch.Tensor) or nll.dim() != 1 or nll.numel() < 2 or not nll.is_floating_point():
         raise ValueError(f"{param} must be a 1-D floating-point tensor of at least 2 per-block NLLs (block_nll)")
-    if not torch.isfinite(nll).all():
+    if not all_finite(nll):
         raise ValueError(f"{param} holds NaN or Inf values")
 
 

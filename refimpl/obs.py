@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from refimpl._validation import check_positive_int
+from refimpl._validation import all_finite, check_positive_int
 
 
 def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
@@ -57,12 +57,12 @@ def check_weight_and_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> Non
     """``weight`` must be a finite 2-D float tensor ``[out, in]`` and ``hessian`` a finite ``[in, in]`` one."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError("weight must be a 2-D floating-point tensor [out_features, in_features]")
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         raise ValueError("weight holds NaN or Inf values")
     n_in = weight.shape[1]
     if not isinstance(hessian, torch.Tensor) or hessian.shape != (n_in, n_in):
         raise ValueError(f"hessian_matrix must be a [{n_in}, {n_in}] tensor for a weight with {n_in} inputs")
-    if not torch.isfinite(hessian).all():
+    if not all_finite(hessian):
         raise ValueError("hessian_matrix holds NaN or Inf values")
 
 

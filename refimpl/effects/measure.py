@@ -84,10 +84,12 @@ def _speed(model: nn.Module, ctx: Context) -> dict[str, float]:
                 decode_speedup=decode["dense"].median_s / decode["row"].median_s)
 
 
-def measure_row(row: "Row", ctx: Context, timing: bool = True) -> dict[str, Any]:
+def measure_row(row: "Row", ctx: Context, timing: bool = True, paired: bool = True) -> dict[str, Any]:
     """Make ``row``'s model (:func:`make`) and measure it (without the speed columns when ``timing`` is
-    False). Returns the row's values (see :data:`refimpl.effects.table.COLUMNS`); a recipe that raises
-    :class:`RowSkipped` gives ``status="skipped"`` and its reason."""
+    False, without the ratio to the unmodified model — which needs that model's NLL, one more
+    evaluation — when ``paired`` is False). Returns the row's values (see
+    :data:`refimpl.effects.table.COLUMNS`); a recipe that raises :class:`RowSkipped` gives
+    ``status="skipped"`` and its reason."""
     ctx.begin_row()
     values: dict[str, Any] = {"row": row.id, "method": row.method, "family": row.family, "settings": row.settings,
                               "status": "ok", "reason": ""}
@@ -97,14 +99,17 @@ def measure_row(row: "Row", ctx: Context, timing: bool = True) -> dict[str, Any]
         values.update(status="skipped", reason=str(skipped))
         return values
     model = made.model.eval()
-    reference_nll = ctx.reference_nll  # the unmodified model's, scored outside the row's measuring context
+    reference_nll = ctx.reference_nll if paired else None  # the unmodified model's, scored outside the row's context
     with row.during(model):
         for name, blocks in ctx.eval_blocks.items():
             nll = evaluate.block_nll(model, blocks)  # [blocks]
-            ppl, ratio = evaluate.perplexity_interval(nll), evaluate.paired_ratio(nll, reference_nll[name])
+            ppl = evaluate.perplexity_interval(nll)
             values.update({f"ppl_{name}": ppl.estimate, f"ppl_{name}_low": ppl.low, f"ppl_{name}_high": ppl.high,
-                           f"ratio_{name}": ratio.estimate, f"ratio_{name}_low": ratio.low,
-                           f"ratio_{name}_high": ratio.high, f"block_nll_{name}": tuple(nll.tolist())})
+                           f"block_nll_{name}": tuple(nll.tolist())})
+            if reference_nll is not None:
+                ratio = evaluate.paired_ratio(nll, reference_nll[name])
+                values.update({f"ratio_{name}": ratio.estimate, f"ratio_{name}_low": ratio.low,
+                               f"ratio_{name}_high": ratio.high})
         if timing:
             values.update(_speed(model, ctx))
     weight_bytes = made.stored_bytes if made.stored_bytes is not None else evaluate.model_bytes(model)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from refimpl import anatomy
-from refimpl._validation import check_finite, check_non_negative_int, check_positive_int
+from refimpl._validation import all_finite, check_finite, check_non_negative_int, check_positive_int
 
 
 def check_sparsity(sparsity: float) -> None:
@@ -107,7 +107,7 @@ def check_model(model: torch.nn.Module, sparsity: float, nm: tuple[int, int] | N
     for name, linear in anatomy.compressed_linears(model).items():
         if nm is not None and linear.in_features % nm[1]:
             raise ValueError(f"nm: M ({nm[1]}) must divide the input features of {name} ({linear.in_features})")
-        if not torch.isfinite(linear.weight).all():
+        if not all_finite(linear.weight):
             raise ValueError(f"the weight of {name} holds NaN or Inf values")
 
 

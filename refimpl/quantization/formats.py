@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from refimpl._validation import check_choice, check_positive_int
+from refimpl._validation import all_finite, check_choice, check_positive_int
 
 #: The NF4 code book as published with QLoRA and used by bitsandbytes (float32, ascending).
 NF4_CODE = torch.tensor([
@@ -111,7 +111,7 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor = NF4_CODE, blocksize
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
         raise TypeError("x must be a non-empty floating-point tensor")
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise ValueError("x holds NaN or Inf values; quantization needs finite inputs")
     _check_code_book(code)
     check_positive_int("blocksize", blocksize)
@@ -187,7 +187,7 @@ def fp8_round(x: torch.Tensor, fmt: str = "e4m3", saturate: bool = False) -> tor
     check_choice("fmt", fmt, tuple(FP8_FORMATS))
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point tensor")
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise ValueError("x holds NaN or Inf values")
     _, mantissa_bits, bias, largest = FP8_FORMATS[fmt]
     x32 = x.float()

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from refimpl import anatomy, calibration
 from refimpl._rollback import restores_on_error
-from refimpl._validation import check_linear_input
+from refimpl._validation import all_finite, check_linear_input
 from refimpl.quantization import uniform
 
 OUTLIER_THRESHOLD = 6.0  # alpha, §3.2
@@ -130,7 +130,7 @@ class Int8Linear(torch.nn.Module):
         """Quantize ``linear``'s weight per output channel into a new layer; ``linear`` is unchanged."""
         if not isinstance(linear, torch.nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        if not torch.isfinite(linear.weight).all():
+        if not all_finite(linear.weight):
             raise ValueError("linear.weight holds NaN or Inf values; quantization needs finite weights")
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, threshold)
         module = module.to(linear.weight.device)

@@ -58,7 +58,7 @@ from torch import nn
 
 from refimpl import anatomy, training
 from refimpl._rollback import restores_on_error
-from refimpl._validation import check_linear_input, check_logits, check_non_negative_int, check_positive_int
+from refimpl._validation import all_finite, check_linear_input, check_logits, check_non_negative_int, check_positive_int
 from refimpl.distillation.losses import forward_kl
 from refimpl.quantization import packed, uniform
 from refimpl.quantization.activation import ActivationQuantizedLinear, straight_through
@@ -104,7 +104,7 @@ class FakeQuantLinear(nn.Module):
             uniform.check_bits(a_bits)
         if not isinstance(learnable_scale, bool):
             raise TypeError(f"learnable_scale must be a bool, got {type(learnable_scale).__name__}")
-        if not torch.isfinite(linear.weight).all():
+        if not all_finite(linear.weight):
             raise ValueError("linear.weight holds NaN or Inf values; quantization needs finite weights")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.grid, self.a_bits = grid, a_bits

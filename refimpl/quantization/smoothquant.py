@@ -35,6 +35,7 @@ from torch import nn
 
 from refimpl import anatomy, calibration
 from refimpl._rollback import restores_on_error
+from refimpl._validation import all_finite
 from refimpl.quantization.activation import activation_absmax
 
 # The authors' recipe for Llama-style decoders: the module producing an input -> the linear layers
@@ -70,20 +71,20 @@ def smoothing_factors(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor],
     _check_alpha(alpha)
     if not isinstance(act_absmax, torch.Tensor) or act_absmax.dim() != 1 or act_absmax.numel() == 0:
         raise ValueError("act_absmax must be a non-empty 1-D tensor [C_i] of per-channel activation maxima")
-    if not torch.isfinite(act_absmax).all() or (act_absmax < 0).any():
+    if not all_finite(act_absmax) or (act_absmax < 0).any():
         raise ValueError("act_absmax must hold finite values >= 0")
     if not weights or not all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in weights):
         raise ValueError("weights must be a non-empty list of 2-D weights [out, in]")
     if any(w.shape[1] != act_absmax.numel() for w in weights):
         raise ValueError(f"every weight must have in_features = {act_absmax.numel()} (the length of act_absmax)")
-    if not all(torch.isfinite(w).all() for w in weights):
+    if not all(all_finite(w) for w in weights):
         raise ValueError("weights hold NaN or Inf values")
     x_max = act_absmax.detach().float()  # max|X_j|, [C_i]
     w_max = torch.stack([w.detach().float().abs().amax(dim=0) for w in weights]).amax(dim=0)  # max|W_j|, [C_i]
     degenerate = (x_max == 0) | (w_max == 0)
     s = x_max.pow(alpha) / w_max.pow(1.0 - alpha)
     s = torch.where(degenerate, torch.ones_like(s), s)
-    if not torch.isfinite(s).all() or (s == 0).any():
+    if not all_finite(s) or (s == 0).any():
         raise ValueError("smoothing factors under- or overflow float32; the ranges are too extreme")
     return s
 

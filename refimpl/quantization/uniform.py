@@ -51,7 +51,7 @@ import torch
 
 from refimpl import anatomy
 from refimpl._rollback import restores_on_error
-from refimpl._validation import check_choice, check_positive_int
+from refimpl._validation import all_finite, check_choice, check_positive_int
 
 #: What one scale covers in a grid without groups: the tensor, a row of a weight, a row of an activation.
 PER = ("tensor", "channel", "token")
@@ -150,7 +150,7 @@ def check_input(x: torch.Tensor, param: str = "x") -> None:
         raise TypeError(f"{param} must be a floating-point tensor, got {x.dtype}")
     if x.dim() == 0 or x.numel() == 0:
         raise ValueError(f"{param} must be a non-empty tensor with at least one dimension")
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise ValueError(f"{param} holds NaN or Inf values; quantization needs finite inputs")
 
 
@@ -264,7 +264,7 @@ def check_model_grid(model: torch.nn.Module, grid: Grid, skip: tuple[str, ...] =
     for name, linear in anatomy.compressed_linears(model, skip).items():
         if grid.group_size is not None and linear.in_features % grid.group_size:
             raise ValueError(f"group_size {grid.group_size} must divide in_features of {name} ({linear.in_features})")
-        if not torch.isfinite(linear.weight).all():
+        if not all_finite(linear.weight):
             raise ValueError(f"the weight of {name} holds NaN or Inf values")
 
 
